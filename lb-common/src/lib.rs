@@ -1,0 +1,335 @@
+//! The contract between the xlb datapath (`lb-ebpf`) and the agent (`lb-userspace`):
+//! map names, capacities and the `#[repr(C)]` key/value layouts stored in them.
+//!
+//! Owns: every byte layout that crosses the kernel/userspace boundary.
+//! Must not: contain logic beyond constructors and accessors, allocate, or depend on `std`.
+//!
+//! Conventions: addresses and ports are stored in network byte order, exactly as they
+//! appear in packets, so the datapath compares them without swapping. Flags are `u32`/`u16`
+//! bit sets (never `bool`/enums) so that every type is plain old data with no hidden padding.
+//! A map's name carries a layout version (`_V1`); a layout change bumps it so an upgraded
+//! agent can tell old pinned maps from new ones (see docs/datapath.md).
+#![no_std]
+
+use core::net::Ipv4Addr;
+
+/// Map names as they appear in the object file and under the pin path.
+/// The kernel keeps 15 characters of a map name, so keep these short.
+pub mod map_name {
+    pub const SERVICES: &str = "XLB_SVC_V1";
+    pub const BACKEND_SETS: &str = "XLB_BSET_V1";
+    pub const BACKENDS: &str = "XLB_BACKEND_V1";
+    pub const CONNTRACK: &str = "XLB_CT_V1";
+    pub const STATS: &str = "XLB_STATS_V1";
+    pub const CONFIG: &str = "XLB_CONFIG_V1";
+    /// Backend-set id -> service name, for `xlb services` (never read by the datapath).
+    pub const SET_NAMES: &str = "XLB_NAMES_V1";
+    /// Every map, for pinning, adoption and clean-up.
+    pub const ALL: [&str; 7] = [
+        SERVICES,
+        BACKEND_SETS,
+        BACKENDS,
+        CONNTRACK,
+        STATS,
+        CONFIG,
+        SET_NAMES,
+    ];
+}
+
+/// Map capacities.
+pub mod capacity {
+    /// Frontends: (address, port, protocol) triples. 100 000 services with a few
+    /// frontends each (ClusterIP, NodePort on each node address, external IPs).
+    pub const SERVICES: u32 = 524_288;
+    /// Backend-set names (same count as backend sets).
+    pub const SET_NAMES: u32 = BACKEND_SETS;
+    /// Backend sets: one per service port and traffic scope.
+    pub const BACKEND_SETS: u32 = 262_144;
+    /// Backend slots, both generations: 100 000 services x 10 backends, twice.
+    pub const BACKENDS: u32 = 2_097_152;
+    /// Connection-tracking entries (two per flow: original and reply direction).
+    pub const CONNTRACK: u32 = 524_288;
+}
+
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// A frontend the datapath answers for: destination address, port and protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    /// IPv4 address, network byte order.
+    pub addr: u32,
+    /// Port, network byte order.
+    pub port: u16,
+    /// IPPROTO_TCP or IPPROTO_UDP.
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+impl ServiceKey {
+    pub fn new(addr: Ipv4Addr, port: u16, proto: u8) -> Self {
+        Self {
+            addr: u32::from(addr).to_be(),
+            port: port.to_be(),
+            proto,
+            _pad: 0,
+        }
+    }
+    pub fn ip(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from_be(self.addr))
+    }
+    pub fn port(&self) -> u16 {
+        u16::from_be(self.port)
+    }
+}
+
+/// Frontend flag: NodePort, external IP or load-balancer IP. New flows from outside the
+/// cluster CIDR, or to a backend on another node, are masqueraded to the node address so
+/// that the reply comes back through this node.
+pub const SVC_F_EXTERNAL: u32 = 1 << 0;
+
+/// What a frontend resolves to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceValue {
+    /// Key into `BACKEND_SETS`.
+    pub backend_set: u32,
+    /// `SVC_F_*` bits.
+    pub flags: u32,
+}
+
+/// The current backends of one service port in one traffic scope.
+///
+/// Backends live in `BACKENDS` under `(set, generation << 31 | index)`. The agent writes a
+/// new generation beside the old one, then replaces this value (one atomic hash-map
+/// update), then deletes the old generation: a reader sees either the whole old set or the
+/// whole new one, never a mix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BackendSet {
+    /// Backends in the current generation; 0 means "service with no usable endpoint".
+    pub count: u32,
+    /// 0 or 1.
+    pub generation: u32,
+}
+
+/// Key of one backend slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendSlot {
+    pub set: u32,
+    /// `generation << 31 | index`.
+    pub slot: u32,
+}
+
+impl BackendSlot {
+    pub const fn new(set: u32, generation: u32, index: u32) -> Self {
+        Self {
+            set,
+            slot: (generation << 31) | index,
+        }
+    }
+    pub const fn generation(&self) -> u32 {
+        self.slot >> 31
+    }
+    pub const fn index(&self) -> u32 {
+        self.slot & 0x7fff_ffff
+    }
+}
+
+/// Backend flag: the endpoint runs on this node (its replies pass through this node anyway).
+pub const BACKEND_F_LOCAL: u16 = 1 << 0;
+
+/// One endpoint address and target port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Backend {
+    /// IPv4 address, network byte order.
+    pub addr: u32,
+    /// Target port, network byte order.
+    pub port: u16,
+    /// `BACKEND_F_*` bits.
+    pub flags: u16,
+}
+
+impl Backend {
+    pub fn new(addr: Ipv4Addr, port: u16, flags: u16) -> Self {
+        Self {
+            addr: u32::from(addr).to_be(),
+            port: port.to_be(),
+            flags,
+        }
+    }
+    pub fn ip(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from_be(self.addr))
+    }
+    pub fn port(&self) -> u16 {
+        u16::from_be(self.port)
+    }
+}
+
+/// A packet's 5-tuple as seen on the wire, key of the connection-tracking table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Flow flag: this entry translates the client's direction (client -> frontend).
+pub const FLOW_F_ORIGINAL: u32 = 1 << 0;
+/// Flow flag: this entry translates the reply direction (backend -> client).
+pub const FLOW_F_REPLY: u32 = 1 << 1;
+/// Flow flag: the flow is masqueraded (source rewritten to the node address).
+pub const FLOW_F_SNAT: u32 = 1 << 2;
+
+/// How to rewrite a packet that matches a `FlowKey`: its new 5-tuple (protocol unchanged).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowNat {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    /// `FLOW_F_*` bits.
+    pub flags: u32,
+    /// Backend set the flow was balanced by (0 for none).
+    pub backend_set: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns()` of the last packet, refreshed at most about once a second.
+    pub last_seen_ns: u64,
+}
+
+/// Human-readable name of a backend set (e.g. `default/web:http/TCP`), UTF-8, `len` bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SetName {
+    pub len: u32,
+    pub bytes: [u8; 124],
+}
+
+impl SetName {
+    /// Truncates (at a character boundary) names longer than 124 bytes.
+    pub fn new(name: &str) -> Self {
+        let mut end = name.len().min(124);
+        while !name.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut bytes = [0u8; 124];
+        bytes[..end].copy_from_slice(&name.as_bytes()[..end]);
+        Self {
+            len: end as u32,
+            bytes,
+        }
+    }
+    pub fn as_str(&self) -> &str {
+        let len = (self.len as usize).min(self.bytes.len());
+        core::str::from_utf8(&self.bytes[..len]).unwrap_or("?")
+    }
+}
+
+/// Agent-written settings, slot 0 of the `CONFIG` array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct DatapathConfig {
+    /// Cluster (pod) CIDR, network byte order; sources inside it are never masqueraded for
+    /// ClusterIP traffic.
+    pub cluster_cidr_addr: u32,
+    pub cluster_cidr_mask: u32,
+    /// Masquerade address (the node address), network byte order; 0 disables masquerade.
+    pub snat_addr: u32,
+    /// Masquerade source-port range, host byte order, inclusive. Keep it outside the node's
+    /// ephemeral range (net.ipv4.ip_local_port_range) and the NodePort range.
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+    /// `CFG_F_*` bits.
+    pub flags: u32,
+    pub _reserved: u32,
+}
+
+/// Config flag: the agent has written this config (an all-zero config means "not yet").
+pub const CFG_F_READY: u32 = 1 << 0;
+
+/// Per-CPU verdict counters, one slot per reason. Every return path of the datapath
+/// increments exactly one of these.
+pub mod stat {
+    /// New flow translated to a backend.
+    pub const FORWARD_NEW: u32 = 0;
+    /// Packet of a tracked flow translated to its backend.
+    pub const FORWARD_ESTABLISHED: u32 = 1;
+    /// Reply translated back to the frontend.
+    pub const REVERSE_NAT: u32 = 2;
+    /// Not addressed to a service and not a tracked reply: passed untouched.
+    pub const PASS_NO_SERVICE: u32 = 3;
+    /// Not IPv4: passed untouched.
+    pub const PASS_NOT_IPV4: u32 = 4;
+    /// IPv4 but neither TCP nor UDP: passed untouched.
+    pub const PASS_OTHER_PROTOCOL: u32 = 5;
+    /// IP fragment: passed untouched (fragments carry no ports to balance on).
+    pub const PASS_FRAGMENT: u32 = 6;
+    /// Headers shorter than they claim, or a bad IHL: passed untouched.
+    pub const PASS_MALFORMED: u32 = 7;
+    /// Service with no usable endpoint: dropped.
+    pub const DROP_NO_BACKEND: u32 = 8;
+    /// Backend slot missing (agent mid-update or inconsistent maps): dropped.
+    pub const DROP_BACKEND_MISSING: u32 = 9;
+    /// No free masquerade port for this backend: dropped.
+    pub const DROP_SNAT_EXHAUSTED: u32 = 10;
+    /// Connection-tracking insert failed: dropped.
+    pub const DROP_CONNTRACK_FULL: u32 = 11;
+    /// Translated packet sent on by a FIB redirect (TC) instead of the host stack.
+    pub const REDIRECT_FIB: u32 = 12;
+    /// Rewriting the packet failed (helper error): dropped.
+    pub const DROP_REWRITE_FAILED: u32 = 13;
+    pub const COUNT: u32 = 14;
+
+    /// Names for metrics and `xlb stats`, indexed by reason.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "forward_new",
+        "forward_established",
+        "reverse_nat",
+        "pass_no_service",
+        "pass_not_ipv4",
+        "pass_other_protocol",
+        "pass_fragment",
+        "pass_malformed",
+        "drop_no_backend",
+        "drop_backend_missing",
+        "drop_snat_exhausted",
+        "drop_conntrack_full",
+        "redirect_fib",
+        "drop_rewrite_failed",
+    ];
+}
+
+// Layout checks: these types are shared with the kernel byte for byte.
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 8);
+const _: () = assert!(core::mem::size_of::<BackendSet>() == 8);
+const _: () = assert!(core::mem::size_of::<BackendSlot>() == 8);
+const _: () = assert!(core::mem::size_of::<Backend>() == 8);
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
+const _: () = assert!(core::mem::size_of::<FlowNat>() == 32);
+const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 24);
+const _: () = assert!(core::mem::size_of::<SetName>() == 128);
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are #[repr(C)], contain only integers and have no padding
+    // (checked by the size assertions above).
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for BackendSet {}
+    unsafe impl aya::Pod for BackendSlot {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowNat {}
+    unsafe impl aya::Pod for DatapathConfig {}
+    unsafe impl aya::Pod for SetName {}
+}

@@ -1,0 +1,1 @@
+//! Network-namespace test cluster (being written).
