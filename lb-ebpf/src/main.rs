@@ -1,14 +1,67 @@
-#![no_std]
-#![no_main]
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+//! xlb kernel programs: the datapath of the load balancer.
+//!
+//! Owns: per-packet work only — parse, conntrack lookup, service lookup, backend choice,
+//! NAT rewrite, verdict counters. Two entry points share one code path:
+//! `xlb_xdp` (XDP, ingress of uplinks) and `xlb_tc` (TC, ingress of pod veths, or of uplinks
+//! with `--uplink-mode tc`).
+//! Must not: make policy decisions the agent can make ahead of time (which backends are
+//! usable, which frontends exist, whether a service is local): those arrive in maps.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+// Host builds (clippy --workspace) compile this crate as a plain binary with an empty main.
+#![cfg_attr(not(target_arch = "bpf"), allow(dead_code, unused_imports))]
 
+mod checksum;
+mod conntrack;
+mod context;
+mod forward;
+mod lookup;
+mod maps;
+mod nat;
+mod parse;
+mod pipeline;
+mod stats;
+
+use aya_ebpf::{
+    bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+use pipeline::Outcome;
+
+/// Uplink ingress. Translated packets go to the host stack (XDP_PASS), which routes them;
+/// the agent sets `accept_local` on uplinks so masqueraded packets are not taken for martians.
 #[xdp]
-pub fn xlb_xdp(_ctx: XdpContext) -> u32 {
-    xdp_action::XDP_PASS
+pub fn xlb_xdp(ctx: XdpContext) -> u32 {
+    match pipeline::process(&context::Xdp(&ctx)) {
+        Outcome::Pass | Outcome::Translated => xdp_action::XDP_PASS,
+        Outcome::Drop => xdp_action::XDP_DROP,
+    }
 }
 
-#[cfg(not(test))]
+/// Pod-veth ingress (and uplink ingress in TC mode). Translated packets are sent straight to
+/// the egress device found by a FIB lookup: this skips a second pass through the stack and
+/// keeps packets whose new source is a node address from being dropped as martians.
+#[classifier]
+pub fn xlb_tc(ctx: TcContext) -> i32 {
+    match pipeline::process(&context::Tc(&ctx)) {
+        Outcome::Pass => TC_ACT_OK as i32,
+        Outcome::Drop => TC_ACT_SHOT as i32,
+        Outcome::Translated => forward::redirect_by_fib(&ctx),
+    }
+}
+
+#[cfg(target_arch = "bpf")]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // Unreachable in a verified program: the verifier rejects any path that could panic.
     loop {}
 }
+
+#[cfg(target_arch = "bpf")]
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}

@@ -6,6 +6,7 @@
 //! maps (`datapath`), and the network-namespace test cluster shared by the e2e tests, the
 //! demo and the benchmarks (`testbed`).
 //! Must not: touch packets, or write BPF maps anywhere but `datapath::writer`.
+pub mod agent;
 pub mod datapath;
 pub mod model;
 pub mod output;

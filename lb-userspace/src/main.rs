@@ -3,11 +3,14 @@
 use std::{net::Ipv4Addr, path::PathBuf};
 
 use anyhow::Result;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
+mod demo;
+
 use xlb::{
-    datapath::{self, UplinkMode},
+    agent::{self, parse_port_range, AgentConfig},
+    datapath::{self, reader, UplinkMode},
     model::Ipv4Cidr,
-    output::OutputFormat,
+    output::{self, OutputFormat},
 };
 
 #[derive(Parser)]
@@ -36,7 +39,7 @@ enum Command {
 }
 
 #[derive(clap::Args)]
-pub struct RunArgs {
+struct RunArgs {
     /// Standalone mode: a directory of Service and EndpointSlice manifests (YAML or JSON).
     #[arg(long)]
     manifests: PathBuf,
@@ -81,17 +84,14 @@ struct ReadArgs {
 }
 
 #[derive(clap::Args)]
-struct DemoArgs {
+pub struct DemoArgs {
     /// Leave the cluster running for exploration (tear down later with `xlb demo --down`).
     #[arg(long)]
-    keep: bool,
+    pub keep: bool,
     /// Tear down a cluster left by `--keep`.
     #[arg(long)]
-    down: bool,
+    pub down: bool,
 }
-
-#[derive(Clone, Copy, ValueEnum)]
-enum Unused {}
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
@@ -103,10 +103,97 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
-        Command::Run(_args) => todo!(),
-        Command::Services(_a) => todo!(),
-        Command::Conntrack(_a) => todo!(),
-        Command::Stats(_a) => todo!(),
-        Command::Demo(_a) => todo!(),
+        Command::Run(args) => {
+            let config = AgentConfig {
+                manifests: args.manifests,
+                node_name: args.node_name,
+                interfaces: args.interfaces,
+                pod_interfaces: args.pod_interfaces,
+                node_ips: args.node_ips,
+                cluster_cidr: args.cluster_cidr,
+                pin_path: args.pin_path,
+                uplink_mode: args.uplink_mode,
+                snat_ports: parse_port_range(&args.snat_ports)?,
+                ready_file: args.ready_file,
+            };
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?
+                .block_on(agent::run(config))
+        }
+        Command::Services(a) => {
+            let rows = reader::services(&a.pin_path)?;
+            print(a.output, &rows, || {
+                let table: Vec<Vec<String>> = rows
+                    .iter()
+                    .map(|r| {
+                        let backends = if r.backends.is_empty() {
+                            "(none: rejected)".to_string()
+                        } else {
+                            r.backends.join(", ")
+                        };
+                        vec![r.frontend.clone(), r.service.clone(), backends]
+                    })
+                    .collect();
+                output::table(&["FRONTEND", "SERVICE", "BACKENDS"], &table)
+            })
+        }
+        Command::Conntrack(a) => {
+            let rows = reader::conntrack(&a.pin_path)?;
+            print(a.output, &rows, || {
+                let table: Vec<Vec<String>> = rows
+                    .iter()
+                    .map(|r| {
+                        vec![
+                            r.direction.to_string(),
+                            r.protocol.to_string(),
+                            format!("{} -> {}", r.from, r.to),
+                            format!("{} -> {}", r.nat_from, r.nat_to),
+                            if r.masquerade {
+                                "yes".into()
+                            } else {
+                                "".into()
+                            },
+                            format!("{}s", r.idle_seconds),
+                        ]
+                    })
+                    .collect();
+                output::table(
+                    &[
+                        "DIRECTION",
+                        "PROTO",
+                        "PACKET",
+                        "REWRITTEN TO",
+                        "MASQ",
+                        "IDLE",
+                    ],
+                    &table,
+                )
+            })
+        }
+        Command::Stats(a) => {
+            let counters = reader::stats(&a.pin_path)?;
+            print(a.output, &counters, || {
+                let table: Vec<Vec<String>> = counters
+                    .iter()
+                    .map(|(k, v)| vec![k.to_string(), v.to_string()])
+                    .collect();
+                output::table(&["VERDICT", "PACKETS"], &table)
+            })
+        }
+        Command::Demo(a) => demo::run(&a),
     }
+}
+
+fn print<T: serde::Serialize>(
+    format: OutputFormat,
+    value: &T,
+    table: impl FnOnce() -> String,
+) -> Result<()> {
+    match format {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(value)?),
+        OutputFormat::Table => print!("{}", table()),
+    }
+    Ok(())
 }

@@ -1,0 +1,152 @@
+//! Connection tracking: one LRU entry per direction of a flow, each saying how to rewrite
+//! the packets that match it. Created on the first packet of a flow, refreshed by later ones.
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    helpers::bpf_ktime_get_ns,
+};
+use lb_common::{
+    stat, Backend, DatapathConfig, FlowKey, FlowNat, ServiceValue, BACKEND_F_LOCAL,
+    FLOW_F_ORIGINAL, FLOW_F_REPLY, FLOW_F_SNAT, SVC_F_EXTERNAL,
+};
+
+use crate::{
+    lookup::flow_hash,
+    maps::{CONFIG, CONNTRACK},
+};
+
+/// Refresh `last_seen_ns` at most this often: a write per packet would bounce the entry's
+/// cache line between CPUs.
+const REFRESH_NS: u64 = 1_000_000_000;
+/// Masquerade ports tried per new flow before giving up.
+const SNAT_TRIES: u32 = 8;
+
+#[inline(always)]
+fn now() -> u64 {
+    // SAFETY: no arguments, always safe to call from any program type.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// The translation of an already tracked flow (either direction), if any.
+#[inline(always)]
+pub fn lookup(flow: &FlowKey) -> Option<FlowNat> {
+    let entry = CONNTRACK.get_ptr_mut(flow)?;
+    let now = now();
+    // SAFETY: the entry stays valid for this program run (RCU); racing refreshes from other
+    // CPUs write the same kind of value and are harmless.
+    unsafe {
+        if now.wrapping_sub((*entry).last_seen_ns) > REFRESH_NS {
+            (*entry).last_seen_ns = now;
+        }
+        Some(*entry)
+    }
+}
+
+#[inline(always)]
+fn config() -> DatapathConfig {
+    // SAFETY: slot 0 of a one-slot array always exists; copied out.
+    CONFIG
+        .get_ptr(0)
+        .map(|c| unsafe { *c })
+        .unwrap_or(DatapathConfig {
+            cluster_cidr_addr: 0,
+            cluster_cidr_mask: 0,
+            snat_addr: 0,
+            snat_port_min: 0,
+            snat_port_max: 0,
+            flags: 0,
+            _reserved: 0,
+        })
+}
+
+/// Masquerade when the backend's reply would otherwise not come back through this node:
+/// the backend is the client itself (hairpin), or it runs on another node and the client is
+/// outside the cluster CIDR or came in through an external frontend (NodePort, external or
+/// LB IP), whose reply the backend's node would route straight to the client.
+#[inline(always)]
+fn needs_masquerade(
+    cfg: &DatapathConfig,
+    flow: &FlowKey,
+    service: &ServiceValue,
+    backend: &Backend,
+) -> bool {
+    if cfg.snat_addr == 0 {
+        return false;
+    }
+    if flow.saddr == backend.addr {
+        return true;
+    }
+    let local = backend.flags & BACKEND_F_LOCAL != 0;
+    let in_cluster = flow.saddr & cfg.cluster_cidr_mask == cfg.cluster_cidr_addr;
+    !local && (service.flags & SVC_F_EXTERNAL != 0 || !in_cluster)
+}
+
+/// Tracks a new flow to `backend` and returns the translation for its first packet.
+#[inline(always)]
+pub fn create(flow: &FlowKey, service: &ServiceValue, backend: &Backend) -> Result<FlowNat, u32> {
+    let cfg = config();
+    let now = now();
+    let mut original = FlowNat {
+        saddr: flow.saddr,
+        daddr: backend.addr,
+        sport: flow.sport,
+        dport: backend.port,
+        flags: FLOW_F_ORIGINAL,
+        backend_set: service.backend_set,
+        _pad: 0,
+        last_seen_ns: now,
+    };
+    let mut reply = FlowNat {
+        saddr: flow.daddr,
+        daddr: flow.saddr,
+        sport: flow.dport,
+        dport: flow.sport,
+        flags: FLOW_F_REPLY,
+        backend_set: service.backend_set,
+        _pad: 0,
+        last_seen_ns: now,
+    };
+    let mut reply_key = FlowKey {
+        saddr: backend.addr,
+        daddr: flow.saddr,
+        sport: backend.port,
+        dport: flow.sport,
+        proto: flow.proto,
+        _pad: [0; 3],
+    };
+    if needs_masquerade(&cfg, flow, service, backend) {
+        original.flags |= FLOW_F_SNAT;
+        reply.flags |= FLOW_F_SNAT;
+        original.saddr = cfg.snat_addr;
+        reply_key.daddr = cfg.snat_addr;
+        let min = u32::from(cfg.snat_port_min);
+        let range = u32::from(cfg.snat_port_max).saturating_sub(min) + 1;
+        let start = flow_hash(flow) % range;
+        let mut found = false;
+        for i in 0..SNAT_TRIES {
+            let port = (min + (start + i * 7919) % range) as u16;
+            reply_key.dport = port.to_be();
+            // NOEXIST: a port already used towards this backend belongs to another flow.
+            if CONNTRACK
+                .insert(&reply_key, &reply, BPF_NOEXIST as u64)
+                .is_ok()
+            {
+                original.sport = port.to_be();
+                found = true;
+                break;
+            }
+        }
+        if !found {
+            return Err(stat::DROP_SNAT_EXHAUSTED);
+        }
+    } else if CONNTRACK
+        .insert(&reply_key, &reply, BPF_ANY as u64)
+        .is_err()
+    {
+        return Err(stat::DROP_CONNTRACK_FULL);
+    }
+    if CONNTRACK.insert(flow, &original, BPF_ANY as u64).is_err() {
+        let _ = CONNTRACK.remove(&reply_key);
+        return Err(stat::DROP_CONNTRACK_FULL);
+    }
+    Ok(original)
+}

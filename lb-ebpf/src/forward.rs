@@ -1,0 +1,52 @@
+//! After a TC rewrite: send the packet straight to the egress device a FIB lookup names,
+//! with the kernel resolving the neighbour (bpf_redirect_neigh). Falls back to the stack.
+use aya_ebpf::{
+    bindings::{bpf_fib_lookup, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK},
+    helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_redirect_neigh},
+    programs::TcContext,
+};
+use lb_common::stat;
+
+use crate::{
+    context::{read_at, Tc},
+    parse::{IP_DADDR_OFF, IP_SADDR_OFF},
+    stats::count,
+};
+
+const AF_INET: u8 = 2;
+
+#[inline(always)]
+pub fn redirect_by_fib(ctx: &TcContext) -> i32 {
+    let tc = Tc(ctx);
+    let (Some(saddr), Some(daddr)) = (
+        read_at::<_, u32>(&tc, IP_SADDR_OFF),
+        read_at::<_, u32>(&tc, IP_DADDR_OFF),
+    ) else {
+        return TC_ACT_OK as i32;
+    };
+    // SAFETY: an all-zero bpf_fib_lookup is a valid input; we fill the fields it needs.
+    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    params.family = AF_INET;
+    params.__bindgen_anon_3.ipv4_src = saddr;
+    params.__bindgen_anon_4.ipv4_dst = daddr;
+    // SAFETY: ctx.skb.skb is the program's __sk_buff.
+    params.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // tot_len stays 0: GSO packets are larger than the MTU and must not fail the lookup.
+    let rc = unsafe {
+        fib_lookup(
+            ctx.skb.skb as *mut _,
+            &mut params,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 || rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+        // SAFETY: plain helper call; NULL params make the kernel resolve the next hop itself.
+        let action = unsafe { bpf_redirect_neigh(params.ifindex, core::ptr::null_mut(), 0, 0) };
+        if action >= 0 {
+            count(stat::REDIRECT_FIB);
+            return action as i32;
+        }
+    }
+    TC_ACT_OK as i32
+}

@@ -1,0 +1,332 @@
+//! `xlb run`: wires a source of cluster state to the model and the map writer, attaches
+//! the programs, and keeps pod interfaces attached as they come and go.
+use std::{
+    collections::BTreeSet,
+    ffi::CStr,
+    net::Ipv4Addr,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use lb_common::{DatapathConfig, CFG_F_READY};
+use tokio::{signal::unix::SignalKind, sync::watch};
+use tracing::{error, info, warn};
+
+use crate::{
+    datapath::{Datapath, MapWriter, UplinkMode},
+    model::{desired_state, ClusterState, Ipv4Cidr, NodeContext},
+    source::manifests,
+};
+
+/// Everything `xlb run` needs, already validated by the CLI.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub manifests: PathBuf,
+    pub node_name: String,
+    pub interfaces: Vec<String>,
+    pub pod_interfaces: Vec<String>,
+    pub node_ips: Vec<Ipv4Addr>,
+    pub cluster_cidr: Option<Ipv4Cidr>,
+    pub pin_path: PathBuf,
+    pub uplink_mode: UplinkMode,
+    pub snat_ports: (u16, u16),
+    pub ready_file: Option<PathBuf>,
+}
+
+/// Parses `MIN-MAX`.
+pub fn parse_port_range(s: &str) -> Result<(u16, u16)> {
+    let (min, max) = s
+        .split_once('-')
+        .with_context(|| format!("{s:?}: expected MIN-MAX"))?;
+    let min: u16 = min
+        .trim()
+        .parse()
+        .with_context(|| format!("{s:?}: bad MIN"))?;
+    let max: u16 = max
+        .trim()
+        .parse()
+        .with_context(|| format!("{s:?}: bad MAX"))?;
+    if min == 0 || min > max {
+        bail!("{s:?}: need 0 < MIN <= MAX");
+    }
+    Ok((min, max))
+}
+
+pub async fn run(cfg: AgentConfig) -> Result<()> {
+    if cfg.interfaces.is_empty() && cfg.pod_interfaces.is_empty() {
+        bail!("nothing to attach to: give --interface and/or --pod-interface");
+    }
+    let mut datapath = Datapath::load(&cfg.pin_path)?;
+    let mut writer = datapath.writer()?;
+
+    for iface in &cfg.interfaces {
+        // Translated packets are handed to the stack with a node address as source
+        // (masquerade, NodePort replies): without accept_local it drops them as martians.
+        set_sysctl(iface, "accept_local", "1");
+        set_sysctl(iface, "send_redirects", "0");
+        datapath.attach_uplink(iface, cfg.uplink_mode)?;
+    }
+    let node_ips = if cfg.node_ips.is_empty() {
+        interface_addresses(&cfg.interfaces)?
+    } else {
+        cfg.node_ips.clone()
+    };
+    if node_ips.is_empty() {
+        warn!("no node address known (no --node-ip, uplinks have no IPv4): NodePorts and masquerade are off");
+    }
+    let snat_addr = node_ips.first().copied();
+    writer.write_config(&DatapathConfig {
+        cluster_cidr_addr: cfg
+            .cluster_cidr
+            .map_or(0, |c| (u32::from(c.addr) & c.mask()).to_be()),
+        cluster_cidr_mask: cfg.cluster_cidr.map_or(0, |c| c.mask().to_be()),
+        snat_addr: snat_addr.map_or(0, |a| u32::from(a).to_be()),
+        snat_port_min: cfg.snat_ports.0,
+        snat_port_max: cfg.snat_ports.1,
+        flags: CFG_F_READY,
+        _reserved: 0,
+    })?;
+    let node = NodeContext {
+        node_name: cfg.node_name.clone(),
+        node_ips,
+        cluster_cidr: cfg.cluster_cidr,
+    };
+    info!(node = node.node_name.as_str(), node_ips = ?node.node_ips, pin_path = %cfg.pin_path.display(), "datapath loaded");
+
+    let mut pods = PodInterfaces::new(cfg.pod_interfaces.clone());
+    pods.sync(&mut datapath);
+
+    let (tx, mut rx) = watch::channel(Arc::new(ClusterState::default()));
+    let source = tokio::spawn(manifests::watch(
+        cfg.manifests.clone(),
+        Duration::from_millis(250),
+        tx,
+    ));
+
+    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
+    let mut rescan = tokio::time::interval(Duration::from_secs(1));
+    let mut reported = BTreeSet::new();
+    let mut ready = false;
+    loop {
+        tokio::select! {
+            changed = rx.changed() => {
+                if changed.is_err() {
+                    // The source ended: surface its error.
+                    match source.await {
+                        Ok(Ok(())) => bail!("state source stopped"),
+                        Ok(Err(e)) => return Err(e.context("state source failed")),
+                        Err(e) => bail!("state source panicked: {e}"),
+                    }
+                }
+                let state = rx.borrow_and_update().clone();
+                if apply(&state, &node, &mut writer, &mut reported) && !ready {
+                    ready = true;
+                    if let Some(path) = &cfg.ready_file {
+                        std::fs::write(path, b"ready\n").with_context(|| format!("writing {}", path.display()))?;
+                    }
+                    info!("ready");
+                }
+            }
+            _ = rescan.tick() => pods.sync(&mut datapath),
+            _ = tokio::signal::ctrl_c() => break,
+            _ = sigterm.recv() => break,
+        }
+    }
+    info!(
+        "stopping: programs detach, maps stay pinned at {}",
+        cfg.pin_path.display()
+    );
+    if let Some(path) = &cfg.ready_file {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(())
+}
+
+/// Computes and applies one state. Returns whether the maps now hold it.
+fn apply(
+    state: &ClusterState,
+    node: &NodeContext,
+    writer: &mut MapWriter,
+    reported: &mut BTreeSet<String>,
+) -> bool {
+    let started = Instant::now();
+    let (desired, problems) = desired_state(state, node);
+    for problem in problems {
+        // Report each problem once, not on every change elsewhere.
+        if reported.insert(problem.to_string()) {
+            warn!(
+                object = problem.object.as_str(),
+                reason = problem.reason.as_str(),
+                "object ignored"
+            );
+        }
+    }
+    match writer.apply(&desired) {
+        Ok(stats) => {
+            if stats.changed() {
+                info!(
+                    frontends = desired.frontends.len(),
+                    backend_sets = desired.backend_sets.len(),
+                    ?stats,
+                    elapsed_us = started.elapsed().as_micros() as u64,
+                    "datapath updated"
+                );
+            }
+            true
+        }
+        Err(e) => {
+            error!(
+                error = format!("{e:#}"),
+                "applying state failed; will retry on the next change"
+            );
+            false
+        }
+    }
+}
+
+fn set_sysctl(iface: &str, key: &str, value: &str) {
+    let path = format!("/proc/sys/net/ipv4/conf/{iface}/{key}");
+    if let Err(e) = std::fs::write(&path, value) {
+        warn!(path, error = %e, "could not set sysctl");
+    }
+}
+
+/// IPv4 addresses of the given interfaces, in the current network namespace.
+fn interface_addresses(interfaces: &[String]) -> Result<Vec<Ipv4Addr>> {
+    let mut out = Vec::new();
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we free below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("getifaddrs");
+    }
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: cur walks the list getifaddrs returned.
+        let ifa = unsafe { &*cur };
+        if !ifa.ifa_addr.is_null() && unsafe { (*ifa.ifa_addr).sa_family } as i32 == libc::AF_INET {
+            let name = unsafe { CStr::from_ptr(ifa.ifa_name) }.to_string_lossy();
+            if interfaces.iter().any(|i| *i == name) {
+                // SAFETY: AF_INET addresses are sockaddr_in.
+                let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                out.push(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+            }
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: head came from getifaddrs.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(out)
+}
+
+/// Interface names in the current network namespace (if_nameindex is per netns, unlike
+/// /sys/class/net, which shows the namespace sysfs was mounted in).
+pub fn interface_names() -> Vec<String> {
+    let mut names = Vec::new();
+    // SAFETY: if_nameindex returns an array terminated by a zero entry, freed below.
+    unsafe {
+        let list = libc::if_nameindex();
+        if list.is_null() {
+            return names;
+        }
+        let mut cur = list;
+        while (*cur).if_index != 0 {
+            names.push(
+                CStr::from_ptr((*cur).if_name)
+                    .to_string_lossy()
+                    .into_owned(),
+            );
+            cur = cur.add(1);
+        }
+        libc::if_freenameindex(list);
+    }
+    names
+}
+
+/// `*` and `?` globbing, as in `--pod-interface 'veth*'`.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    fn m(p: &[u8], n: &[u8]) -> bool {
+        match (p.first(), n.first()) {
+            (None, None) => true,
+            (Some(b'*'), _) => m(&p[1..], n) || (!n.is_empty() && m(p, &n[1..])),
+            (Some(b'?'), Some(_)) => m(&p[1..], &n[1..]),
+            (Some(a), Some(b)) if a == b => m(&p[1..], &n[1..]),
+            _ => false,
+        }
+    }
+    m(pattern.as_bytes(), name.as_bytes())
+}
+
+/// Pod-facing interfaces: attach TC to every interface matching a pattern, including ones
+/// created after start, and forget ones that disappeared.
+struct PodInterfaces {
+    patterns: Vec<String>,
+    attached: BTreeSet<String>,
+    failed: BTreeSet<String>,
+}
+
+impl PodInterfaces {
+    fn new(patterns: Vec<String>) -> Self {
+        Self {
+            patterns,
+            attached: BTreeSet::new(),
+            failed: BTreeSet::new(),
+        }
+    }
+
+    fn sync(&mut self, datapath: &mut Datapath) {
+        if self.patterns.is_empty() {
+            return;
+        }
+        let present: BTreeSet<String> = interface_names()
+            .into_iter()
+            .filter(|n| self.patterns.iter().any(|p| glob_match(p, n)))
+            .collect();
+        for name in present.difference(&self.attached.clone()) {
+            match datapath.attach_tc(name) {
+                Ok(()) => {
+                    self.attached.insert(name.clone());
+                    self.failed.remove(name);
+                }
+                Err(e) => {
+                    if self.failed.insert(name.clone()) {
+                        warn!(
+                            interface = name.as_str(),
+                            error = format!("{e:#}"),
+                            "attaching TC failed; will retry"
+                        );
+                    }
+                }
+            }
+        }
+        for name in self.attached.clone().difference(&present) {
+            info!(interface = name.as_str(), "pod interface gone");
+            self.attached.remove(name);
+            datapath.forget(name);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn glob_matches_like_a_shell() {
+        assert!(glob_match("veth*", "veth1234"));
+        assert!(glob_match("xv*", "xv"));
+        assert!(glob_match("eth?", "eth0"));
+        assert!(!glob_match("veth*", "eth0"));
+        assert!(!glob_match("eth?", "eth10"));
+        assert!(glob_match("*", "anything"));
+    }
+
+    #[test]
+    fn port_range_parses_and_rejects_nonsense() {
+        assert_eq!(parse_port_range("61000-65535").unwrap(), (61000, 65535));
+        assert!(parse_port_range("65535-61000").is_err());
+        assert!(parse_port_range("0-10").is_err());
+        assert!(parse_port_range("abc").is_err());
+    }
+}

@@ -1,0 +1,370 @@
+//! The only code that writes the load-balancer maps: applies the difference between the
+//! desired state and what the maps hold, touching only what changed.
+//!
+//! Update order (docs/datapath.md): backend sets are created or switched before any
+//! frontend points at them, frontends are removed before their sets, and a set's new
+//! backends are written into its inactive generation before one atomic update of the set
+//! switches readers over. A packet never sees a half-written service.
+use std::collections::{BTreeMap, BTreeSet};
+
+use anyhow::{Context, Result};
+use aya::{
+    maps::{Array, HashMap, MapData},
+    Ebpf,
+};
+use lb_common::{
+    map_name, Backend, BackendSet, BackendSlot, DatapathConfig, ServiceKey, ServiceValue, SetName,
+};
+use tracing::warn;
+
+use crate::model::{BackendSetName, DesiredState};
+
+/// A backend set as installed in the maps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct InstalledSet {
+    id: u32,
+    generation: u32,
+    backends: Vec<Backend>,
+}
+
+/// What one `apply` changed, for logs and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ApplyStats {
+    pub sets_created: usize,
+    pub sets_updated: usize,
+    pub sets_deleted: usize,
+    pub frontends_written: usize,
+    pub frontends_deleted: usize,
+    /// Map update/delete syscalls issued.
+    pub map_ops: usize,
+}
+
+impl ApplyStats {
+    pub fn changed(&self) -> bool {
+        self.map_ops > 0
+    }
+}
+
+pub struct MapWriter {
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    backend_sets: HashMap<MapData, u32, BackendSet>,
+    backends: HashMap<MapData, BackendSlot, Backend>,
+    set_names: HashMap<MapData, u32, SetName>,
+    config: Array<MapData, DatapathConfig>,
+    /// Mirror of the maps' content, by set name and by frontend.
+    sets: BTreeMap<BackendSetName, InstalledSet>,
+    frontends: BTreeMap<ServiceKey, ServiceValue>,
+    /// Entries found at adoption that belong to nothing known; removed by the next apply.
+    stray_slots: Vec<BackendSlot>,
+    stray_sets: Vec<u32>,
+    next_id: u32,
+    free_ids: Vec<u32>,
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .with_context(|| format!("map {name} missing or already taken"))?;
+    T::try_from(map).with_context(|| format!("map {name} has an unexpected type or layout"))
+}
+
+impl MapWriter {
+    /// Takes the maps from a loaded object and adopts whatever they already hold.
+    pub fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self> {
+        let mut writer = Self {
+            services: take(ebpf, map_name::SERVICES)?,
+            backend_sets: take(ebpf, map_name::BACKEND_SETS)?,
+            backends: take(ebpf, map_name::BACKENDS)?,
+            set_names: take(ebpf, map_name::SET_NAMES)?,
+            config: take(ebpf, map_name::CONFIG)?,
+            sets: BTreeMap::new(),
+            frontends: BTreeMap::new(),
+            stray_slots: Vec::new(),
+            stray_sets: Vec::new(),
+            next_id: 1,
+            free_ids: Vec::new(),
+        };
+        writer.adopt()?;
+        Ok(writer)
+    }
+
+    /// Rebuilds the mirror from pinned maps left by a previous agent, so that the first
+    /// apply after a restart is a diff, not a flush.
+    fn adopt(&mut self) -> Result<()> {
+        let mut names: BTreeMap<u32, String> = BTreeMap::new();
+        for entry in self.set_names.iter() {
+            let (id, name) = entry.context("reading set names")?;
+            names.insert(id, name.as_str().to_string());
+        }
+        let mut slots: BTreeMap<u32, BTreeMap<u32, (u32, Backend)>> = BTreeMap::new();
+        for entry in self.backends.iter() {
+            let (slot, backend) = entry.context("reading backends")?;
+            slots
+                .entry(slot.set)
+                .or_default()
+                .insert(slot.slot, (slot.generation(), backend));
+        }
+        let mut seen_names = BTreeSet::new();
+        for entry in self.backend_sets.iter() {
+            let (id, set) = entry.context("reading backend sets")?;
+            self.next_id = self.next_id.max(id + 1);
+            match names.get(&id) {
+                Some(name) if seen_names.insert(name.clone()) => {
+                    let mut backends = Vec::new();
+                    for index in 0..set.count {
+                        let slot = BackendSlot::new(id, set.generation, index);
+                        match slots.get(&id).and_then(|s| s.get(&slot.slot)) {
+                            Some((_, b)) => backends.push(*b),
+                            None => {
+                                warn!(set = name.as_str(), index, "pinned backend slot missing")
+                            }
+                        }
+                    }
+                    self.sets.insert(
+                        name.clone(),
+                        InstalledSet {
+                            id,
+                            generation: set.generation,
+                            backends,
+                        },
+                    );
+                }
+                _ => self.stray_sets.push(id),
+            }
+        }
+        for (id, by_slot) in &slots {
+            let current = self.sets.values().find(|s| s.id == *id);
+            for (raw, (generation, _)) in by_slot {
+                let slot = BackendSlot {
+                    set: *id,
+                    slot: *raw,
+                };
+                let live = current.is_some_and(|s| {
+                    s.generation == *generation && slot.index() < s.backends.len() as u32
+                });
+                if !live {
+                    self.stray_slots.push(slot);
+                }
+            }
+        }
+        for entry in self.services.iter() {
+            let (key, value) = entry.context("reading services")?;
+            self.frontends.insert(key, value);
+        }
+        let used: BTreeSet<u32> = self.sets.values().map(|s| s.id).collect();
+        self.free_ids = (1..self.next_id)
+            .filter(|id| !used.contains(id))
+            .rev()
+            .collect();
+        if !self.sets.is_empty() || !self.frontends.is_empty() {
+            tracing::info!(
+                sets = self.sets.len(),
+                frontends = self.frontends.len(),
+                "adopted pinned datapath state"
+            );
+        }
+        Ok(())
+    }
+
+    pub fn write_config(&mut self, config: &DatapathConfig) -> Result<()> {
+        self.config
+            .set(0, config, 0)
+            .context("writing datapath config")
+    }
+
+    pub fn config(&self) -> Result<DatapathConfig> {
+        self.config.get(&0, 0).context("reading datapath config")
+    }
+
+    fn alloc_id(&mut self) -> u32 {
+        self.free_ids.pop().unwrap_or_else(|| {
+            self.next_id += 1;
+            self.next_id - 1
+        })
+    }
+
+    /// Makes the maps hold `desired`, touching only what differs from what they hold now.
+    pub fn apply(&mut self, desired: &DesiredState) -> Result<ApplyStats> {
+        let mut stats = ApplyStats::default();
+
+        // 1. Backend sets: new ones, and new generations of changed ones.
+        for (name, backends) in &desired.backend_sets {
+            match self.sets.get(name).cloned() {
+                None => {
+                    let id = self.alloc_id();
+                    self.write_slots(id, 0, backends, &mut stats)?;
+                    self.backend_sets
+                        .insert(
+                            id,
+                            BackendSet {
+                                count: backends.len() as u32,
+                                generation: 0,
+                            },
+                            0,
+                        )
+                        .with_context(|| format!("creating backend set {name}"))?;
+                    self.set_names
+                        .insert(id, SetName::new(name), 0)
+                        .context("writing set name")?;
+                    stats.map_ops += 2;
+                    stats.sets_created += 1;
+                    self.sets.insert(
+                        name.clone(),
+                        InstalledSet {
+                            id,
+                            generation: 0,
+                            backends: backends.clone(),
+                        },
+                    );
+                }
+                Some(installed) if installed.backends != *backends => {
+                    let generation = 1 - installed.generation;
+                    self.write_slots(installed.id, generation, backends, &mut stats)?;
+                    // The switch: one atomic value replacement.
+                    self.backend_sets
+                        .insert(
+                            installed.id,
+                            BackendSet {
+                                count: backends.len() as u32,
+                                generation,
+                            },
+                            0,
+                        )
+                        .with_context(|| format!("switching backend set {name}"))?;
+                    stats.map_ops += 1;
+                    self.delete_slots(
+                        installed.id,
+                        installed.generation,
+                        installed.backends.len(),
+                        &mut stats,
+                    );
+                    stats.sets_updated += 1;
+                    self.sets.insert(
+                        name.clone(),
+                        InstalledSet {
+                            id: installed.id,
+                            generation,
+                            backends: backends.clone(),
+                        },
+                    );
+                }
+                Some(_) => {}
+            }
+        }
+
+        // 2. Frontends: new and changed ones (their sets exist now).
+        for (key, frontend) in &desired.frontends {
+            let Some(set) = self.sets.get(&frontend.backend_set) else {
+                warn!(
+                    set = frontend.backend_set.as_str(),
+                    "frontend names an unknown backend set; skipped"
+                );
+                continue;
+            };
+            let value = ServiceValue {
+                backend_set: set.id,
+                flags: frontend.flags,
+            };
+            if self.frontends.get(key) != Some(&value) {
+                self.services
+                    .insert(key, value, 0)
+                    .context("writing frontend")?;
+                self.frontends.insert(*key, value);
+                stats.map_ops += 1;
+                stats.frontends_written += 1;
+            }
+        }
+
+        // 3. Frontends that are gone, before the sets they point at.
+        let gone: Vec<ServiceKey> = self
+            .frontends
+            .keys()
+            .filter(|k| !desired.frontends.contains_key(k))
+            .copied()
+            .collect();
+        for key in gone {
+            remove_quietly(&mut self.services, &key);
+            self.frontends.remove(&key);
+            stats.map_ops += 1;
+            stats.frontends_deleted += 1;
+        }
+
+        // 4. Sets that are gone.
+        let gone: Vec<BackendSetName> = self
+            .sets
+            .keys()
+            .filter(|n| !desired.backend_sets.contains_key(*n))
+            .cloned()
+            .collect();
+        for name in gone {
+            let installed = self.sets.remove(&name).expect("listed above");
+            remove_quietly(&mut self.backend_sets, &installed.id);
+            remove_quietly(&mut self.set_names, &installed.id);
+            stats.map_ops += 2;
+            self.delete_slots(
+                installed.id,
+                installed.generation,
+                installed.backends.len(),
+                &mut stats,
+            );
+            self.free_ids.push(installed.id);
+            stats.sets_deleted += 1;
+        }
+
+        // 5. Leftovers found at adoption.
+        for slot in std::mem::take(&mut self.stray_slots) {
+            remove_quietly(&mut self.backends, &slot);
+            stats.map_ops += 1;
+        }
+        for id in std::mem::take(&mut self.stray_sets) {
+            if !self.frontends.values().any(|v| v.backend_set == id) {
+                remove_quietly(&mut self.backend_sets, &id);
+                remove_quietly(&mut self.set_names, &id);
+                stats.map_ops += 2;
+                if !self.sets.values().any(|s| s.id == id) {
+                    self.free_ids.push(id);
+                }
+            }
+        }
+        Ok(stats)
+    }
+
+    fn write_slots(
+        &mut self,
+        id: u32,
+        generation: u32,
+        backends: &[Backend],
+        stats: &mut ApplyStats,
+    ) -> Result<()> {
+        for (index, backend) in backends.iter().enumerate() {
+            self.backends
+                .insert(BackendSlot::new(id, generation, index as u32), backend, 0)
+                .context("writing backend slot (is the backends map full?)")?;
+            stats.map_ops += 1;
+        }
+        Ok(())
+    }
+
+    fn delete_slots(&mut self, id: u32, generation: u32, count: usize, stats: &mut ApplyStats) {
+        for index in 0..count as u32 {
+            remove_quietly(&mut self.backends, &BackendSlot::new(id, generation, index));
+            stats.map_ops += 1;
+        }
+    }
+}
+
+/// Removing something already gone is fine; anything else is worth a warning, not a stop.
+fn remove_quietly<K: aya::Pod + std::fmt::Debug, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    key: &K,
+) {
+    match map.remove(key) {
+        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+        Err(e) => warn!(?key, error = %e, "map delete failed"),
+    }
+}
