@@ -1,0 +1,269 @@
+//! End to end on the network-namespace cluster (xlb::testbed): two nodes each running a real
+//! `xlb run`, three pods with real HTTP and UDP servers answering with their names, an
+//! external client, real clients (curl, sockets). Each test builds its own cluster and tears
+//! it down, also on failure.
+use std::{
+    collections::BTreeSet,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use xlb::testbed::{require_privileges, Testbed, TestbedSpec};
+
+const EXAMPLE: &str = include_str!("../../deploy/examples/demo-service.yaml");
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const ALL_PODS: [&str; 3] = ["pod-a", "pod-b", "pod-c"];
+
+struct Cluster {
+    tb: Testbed,
+    manifests: PathBuf,
+}
+
+fn xlb_bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_xlb"))
+}
+
+impl Cluster {
+    /// The default testbed with servers in every pod, the example Service applied, and an
+    /// agent on each node.
+    fn start(test: &str) -> Option<Self> {
+        if !require_privileges(test) {
+            return None;
+        }
+        let mut tb = Testbed::create(&TestbedSpec::default()).expect("create testbed");
+        tb.start_all_servers().expect("start servers");
+        let manifests = tb.work_dir().join("manifests");
+        std::fs::create_dir_all(&manifests).unwrap();
+        std::fs::write(manifests.join("web.yaml"), EXAMPLE).unwrap();
+        for node in ["node1", "node2"] {
+            tb.start_agent(xlb_bin(), node, &manifests, &[])
+                .unwrap_or_else(|e| panic!("agent on {node}: {e:#}"));
+        }
+        Some(Self { tb, manifests })
+    }
+
+    fn netns(&self, pod: &str) -> String {
+        self.tb.pod(pod).netns.clone()
+    }
+
+    /// Rewrites the example with only `pods` as endpoints.
+    fn set_endpoints(&self, pods: &[&str]) {
+        let mut docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(EXAMPLE)
+            .map(|d| serde::Deserialize::deserialize(d).unwrap())
+            .collect();
+        for doc in &mut docs {
+            if doc["kind"] == "EndpointSlice" {
+                let endpoints = doc["endpoints"].as_sequence_mut().unwrap();
+                endpoints.retain(|e| pods.contains(&e["targetRef"]["name"].as_str().unwrap()));
+            }
+        }
+        let text: Vec<String> = docs
+            .iter()
+            .map(|d| serde_yaml::to_string(d).unwrap())
+            .collect();
+        // Write aside and rename: the agent never reads a half-written file.
+        let tmp = self.manifests.join(".web.yaml.tmp");
+        std::fs::write(&tmp, text.join("---\n")).unwrap();
+        std::fs::rename(&tmp, self.manifests.join("web.yaml")).unwrap();
+    }
+
+    fn logs(&self) -> String {
+        format!(
+            "--- node1 agent ---\n{}\n--- node2 agent ---\n{}",
+            self.tb.agent_log("node1"),
+            self.tb.agent_log("node2")
+        )
+    }
+}
+
+/// Sends requests until every expected answer was seen (at most `max` requests) and returns
+/// what answered. Any failed request fails the test.
+fn answers(
+    max: usize,
+    expected: &[&str],
+    mut request: impl FnMut() -> anyhow::Result<String>,
+) -> BTreeSet<String> {
+    let expected: BTreeSet<String> = expected.iter().map(|s| s.to_string()).collect();
+    let mut seen = BTreeSet::new();
+    for _ in 0..max {
+        let answer = request().unwrap_or_else(|e| panic!("request failed: {e:#}"));
+        seen.insert(answer.trim().to_string());
+        if seen.is_superset(&expected) {
+            break;
+        }
+    }
+    seen
+}
+
+fn all() -> BTreeSet<String> {
+    ALL_PODS.iter().map(|s| s.to_string()).collect()
+}
+
+#[test]
+fn clusterip_from_pods_on_both_nodes_reaches_all_three_backends() {
+    let Some(c) = Cluster::start("clusterip_from_pods_on_both_nodes_reaches_all_three_backends")
+    else {
+        return;
+    };
+    // pod-a is on node1 (and is itself a backend: hairpin), pod-c on node2.
+    for client in ["pod-a", "pod-c"] {
+        let ns = c.netns(client);
+        let seen = answers(120, &ALL_PODS, || c.tb.http_get(&ns, VIP, 80));
+        assert_eq!(seen, all(), "from {client}\n{}", c.logs());
+    }
+}
+
+#[test]
+fn nodeport_from_external_client_reaches_all_three_backends_via_both_nodes() {
+    let Some(c) =
+        Cluster::start("nodeport_from_external_client_reaches_all_three_backends_via_both_nodes")
+    else {
+        return;
+    };
+    let ext = c.tb.external().netns.clone();
+    for node in ["node1", "node2"] {
+        let ip = c.tb.node(node).ip;
+        let seen = answers(120, &ALL_PODS, || c.tb.http_get(&ext, ip, 30080));
+        assert_eq!(seen, all(), "via {node}\n{}", c.logs());
+    }
+}
+
+#[test]
+fn udp_through_clusterip_and_nodeport_reaches_all_backends() {
+    let Some(c) = Cluster::start("udp_through_clusterip_and_nodeport_reaches_all_backends") else {
+        return;
+    };
+    let ns = c.netns("pod-b");
+    let seen = answers(120, &ALL_PODS, || c.tb.udp_request(&ns, VIP, 53));
+    assert_eq!(seen, all(), "UDP ClusterIP\n{}", c.logs());
+    let ext = c.tb.external().netns.clone();
+    let ip = c.tb.node("node2").ip;
+    let seen = answers(120, &ALL_PODS, || c.tb.udp_request(&ext, ip, 30053));
+    assert_eq!(seen, all(), "UDP NodePort\n{}", c.logs());
+}
+
+#[test]
+fn removed_endpoint_gets_no_new_connections_within_2s_and_established_ones_continue() {
+    let Some(c) = Cluster::start(
+        "removed_endpoint_gets_no_new_connections_within_2s_and_established_ones_continue",
+    ) else {
+        return;
+    };
+    let client = c.netns("pod-c");
+    let mut established =
+        c.tb.open_persistent_http(&client, VIP, 80)
+            .expect("connect");
+    let kept = established
+        .request()
+        .expect("first request")
+        .trim()
+        .to_string();
+    let removed = ALL_PODS.iter().find(|p| **p != kept).unwrap().to_string();
+    let remaining: Vec<&str> = ALL_PODS.iter().copied().filter(|p| *p != removed).collect();
+
+    c.set_endpoints(&remaining);
+    let changed = Instant::now();
+    // Poll until a window of new connections avoids the removed pod; it must open within 2 s.
+    let mut clean_since = None;
+    loop {
+        let answer =
+            c.tb.http_get(&client, VIP, 80)
+                .expect("new connection")
+                .trim()
+                .to_string();
+        if answer == removed {
+            clean_since = None;
+        } else if clean_since.is_none() {
+            clean_since = Some(Instant::now());
+        }
+        if let Some(t) = clean_since {
+            if t.elapsed() > Duration::from_millis(1500) {
+                break;
+            }
+        }
+        assert!(
+            changed.elapsed() < Duration::from_secs(10),
+            "{removed} still receives new connections 10 s after removal\n{}",
+            c.logs()
+        );
+    }
+    let took = clean_since.unwrap().duration_since(changed);
+    assert!(
+        took <= Duration::from_secs(2),
+        "removal took {took:?} to apply\n{}",
+        c.logs()
+    );
+    // After the window: 30 more new connections, none to the removed pod, both others seen.
+    let seen = answers(30, &[], || c.tb.http_get(&client, VIP, 80));
+    assert!(
+        !seen.contains(&removed),
+        "{removed} answered after removal: {seen:?}"
+    );
+    // The established connection still answers, from the same pod.
+    for _ in 0..5 {
+        assert_eq!(
+            established
+                .request()
+                .expect("established connection")
+                .trim(),
+            kept
+        );
+    }
+}
+
+#[test]
+fn services_and_conntrack_commands_show_the_programmed_datapath() {
+    let Some(c) = Cluster::start("services_and_conntrack_commands_show_the_programmed_datapath")
+    else {
+        return;
+    };
+    let pin = c.tb.node("node1").pin_path.clone();
+    let out = std::process::Command::new(xlb_bin())
+        .args(["services", "-o", "json", "--pin-path"])
+        .arg(&pin)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let frontends: BTreeSet<String> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["frontend"].as_str().unwrap().to_string())
+        .collect();
+    let expected: BTreeSet<String> = [
+        "10.96.0.10:80/TCP",
+        "10.96.0.10:53/UDP",
+        "172.18.0.11:30080/TCP",
+        "172.18.0.11:30053/UDP",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    assert_eq!(frontends, expected);
+    for row in rows.as_array().unwrap() {
+        assert_eq!(row["backends"].as_array().unwrap().len(), 3, "{row}");
+    }
+    // One request through node1 leaves a tracked flow that `xlb conntrack` shows.
+    let ns = c.netns("pod-b");
+    c.tb.http_get(&ns, VIP, 80).expect("request");
+    let out = std::process::Command::new(xlb_bin())
+        .args(["conntrack", "-o", "json", "--pin-path"])
+        .arg(&pin)
+        .output()
+        .unwrap();
+    let flows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        flows
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["to"] == "10.96.0.10:80" && f["direction"] == "original"),
+        "{flows}"
+    );
+}
