@@ -141,9 +141,9 @@ impl BackendSlot {
 /// Backend flag: the endpoint runs on this node (its replies pass through this node anyway).
 pub const BACKEND_F_LOCAL: u16 = 1 << 0;
 
-/// One endpoint address and target port.
+/// One endpoint address and target port. Ordered by address, then port, as numbers.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Backend {
     /// IPv4 address, network byte order.
     pub addr: u32,
@@ -166,6 +166,22 @@ impl Backend {
     }
     pub fn port(&self) -> u16 {
         u16::from_be(self.port)
+    }
+}
+
+impl Ord for Backend {
+    fn cmp(&self, other: &Self) -> core::cmp::Ordering {
+        (u32::from_be(self.addr), self.port(), self.flags).cmp(&(
+            u32::from_be(other.addr),
+            other.port(),
+            other.flags,
+        ))
+    }
+}
+
+impl PartialOrd for Backend {
+    fn partial_cmp(&self, other: &Self) -> Option<core::cmp::Ordering> {
+        Some(self.cmp(other))
     }
 }
 
