@@ -127,7 +127,7 @@ pub fn create(flow: &FlowKey, service: &ServiceValue, backend: &Backend) -> Resu
             reply_key.dport = port.to_be();
             // NOEXIST: a port already used towards this backend belongs to another flow.
             if CONNTRACK
-                .insert(&reply_key, &reply, BPF_NOEXIST as u64)
+                .insert(reply_key, reply, BPF_NOEXIST as u64)
                 .is_ok()
             {
                 original.sport = port.to_be();
@@ -138,14 +138,11 @@ pub fn create(flow: &FlowKey, service: &ServiceValue, backend: &Backend) -> Resu
         if !found {
             return Err(stat::DROP_SNAT_EXHAUSTED);
         }
-    } else if CONNTRACK
-        .insert(&reply_key, &reply, BPF_ANY as u64)
-        .is_err()
-    {
+    } else if CONNTRACK.insert(reply_key, reply, BPF_ANY as u64).is_err() {
         return Err(stat::DROP_CONNTRACK_FULL);
     }
-    if CONNTRACK.insert(flow, &original, BPF_ANY as u64).is_err() {
-        let _ = CONNTRACK.remove(&reply_key);
+    if CONNTRACK.insert(flow, original, BPF_ANY as u64).is_err() {
+        let _ = CONNTRACK.remove(reply_key);
         return Err(stat::DROP_CONNTRACK_FULL);
     }
     Ok(original)

@@ -22,7 +22,7 @@ pub fn redirect_by_fib(ctx: &TcContext) -> i32 {
         read_at::<_, u32>(&tc, IP_SADDR_OFF),
         read_at::<_, u32>(&tc, IP_DADDR_OFF),
     ) else {
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     };
     // SAFETY: an all-zero bpf_fib_lookup is a valid input; we fill the fields it needs.
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
@@ -48,5 +48,5 @@ pub fn redirect_by_fib(ctx: &TcContext) -> i32 {
             return action as i32;
         }
     }
-    TC_ACT_OK as i32
+    TC_ACT_OK
 }

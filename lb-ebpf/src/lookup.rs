@@ -12,7 +12,7 @@ pub fn service(flow: &FlowKey) -> Option<ServiceValue> {
         _pad: 0,
     };
     // SAFETY: read-only copy of a value the kernel keeps alive for this RCU section.
-    SERVICES.get_ptr(&key).map(|v| unsafe { *v })
+    SERVICES.get_ptr(key).map(|v| unsafe { *v })
 }
 
 /// Picks the backend for a new flow. The same 5-tuple always hashes to the same slot, so a
@@ -21,7 +21,7 @@ pub fn service(flow: &FlowKey) -> Option<ServiceValue> {
 pub fn backend(service: &ServiceValue, flow: &FlowKey) -> Result<Backend, u32> {
     // SAFETY: as above, values are copied out immediately.
     let set = BACKEND_SETS
-        .get_ptr(&service.backend_set)
+        .get_ptr(service.backend_set)
         .map(|v| unsafe { *v })
         .ok_or(stat::DROP_BACKEND_MISSING)?;
     if set.count == 0 {
@@ -30,7 +30,7 @@ pub fn backend(service: &ServiceValue, flow: &FlowKey) -> Result<Backend, u32> {
     let index = flow_hash(flow) % set.count;
     let slot = BackendSlot::new(service.backend_set, set.generation, index);
     BACKENDS
-        .get_ptr(&slot)
+        .get_ptr(slot)
         .map(|v| unsafe { *v })
         .ok_or(stat::DROP_BACKEND_MISSING)
 }

@@ -45,8 +45,8 @@ pub fn xlb_xdp(ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn xlb_tc(ctx: TcContext) -> i32 {
     match pipeline::process(&context::Tc(&ctx)) {
-        Outcome::Pass => TC_ACT_OK as i32,
-        Outcome::Drop => TC_ACT_SHOT as i32,
+        Outcome::Pass => TC_ACT_OK,
+        Outcome::Drop => TC_ACT_SHOT,
         Outcome::Translated => forward::redirect_by_fib(&ctx),
     }
 }

@@ -18,6 +18,9 @@ const EXAMPLE: &str = include_str!("../../deploy/examples/demo-service.yaml");
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const REQUESTS: usize = 30;
 
+/// One client path: sends a request, returns the answering pod's name.
+type Request = Box<dyn Fn(&Testbed) -> Result<String>>;
+
 fn step(msg: &str) {
     eprintln!("demo: {msg}");
 }
@@ -62,7 +65,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     let ext = tb.external().netns.clone();
     let pod_a = tb.pod("pod-a").netns.clone();
     let pod_c = tb.pod("pod-c").netns.clone();
-    let paths: Vec<(String, Box<dyn Fn(&Testbed) -> Result<String>>)> = vec![
+    let paths: Vec<(String, Request)> = vec![
         (
             "pod-a (node1) -> 10.96.0.10:80/TCP".into(),
             Box::new(move |tb: &Testbed| tb.http_get(&pod_a, VIP, 80)),
