@@ -39,6 +39,14 @@ pub fn xlb_xdp(ctx: XdpContext) -> u32 {
     }
 }
 
+/// The benchmark floor: parses like the pipeline, counts nothing, passes everything. Its
+/// cost per packet is what any XDP program that reads these headers pays.
+#[xdp]
+pub fn xlb_floor(ctx: XdpContext) -> u32 {
+    let _ = core::hint::black_box(parse::parse(&context::Xdp(&ctx)).is_ok());
+    xdp_action::XDP_PASS
+}
+
 /// Pod-veth ingress (and uplink ingress in TC mode). Translated packets are sent straight to
 /// the egress device found by a FIB lookup: this skips a second pass through the stack and
 /// keeps packets whose new source is a node address from being dropped as martians.

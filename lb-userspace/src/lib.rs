@@ -7,7 +7,9 @@
 //! demo and the benchmarks (`testbed`).
 //! Must not: touch packets, or write BPF maps anywhere but `datapath::writer`.
 pub mod agent;
+pub mod bench;
 pub mod datapath;
+pub mod http;
 pub mod model;
 pub mod output;
 pub mod source;

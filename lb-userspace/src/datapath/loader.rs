@@ -17,6 +17,8 @@ use super::{writer::MapWriter, UplinkMode, EBPF_OBJECT};
 
 pub const PROG_XDP: &str = "xlb_xdp";
 pub const PROG_TC: &str = "xlb_tc";
+/// Parse-only XDP program: the floor the benchmark compares the datapath with.
+pub const PROG_FLOOR: &str = "xlb_floor";
 
 /// The loaded datapath: programs, where they are attached, and the pin path of its maps.
 pub struct Datapath {
@@ -60,6 +62,11 @@ impl Datapath {
             .context("no TC program in object")?
             .try_into()?;
         tc.load().context("verifying the TC program")?;
+        let floor: &mut Xdp = ebpf
+            .program_mut(PROG_FLOOR)
+            .context("no floor program in object")?
+            .try_into()?;
+        floor.load().context("verifying the floor program")?;
         Ok(Self {
             ebpf,
             pin_path: pin_path.to_path_buf(),
@@ -136,6 +143,13 @@ impl Datapath {
             .ebpf
             .program(PROG_XDP)
             .context("no XDP program")?
+            .try_into()?)
+    }
+    pub fn floor_program(&self) -> Result<&Xdp> {
+        Ok(self
+            .ebpf
+            .program(PROG_FLOOR)
+            .context("no floor program")?
             .try_into()?)
     }
     pub fn tc_program(&self) -> Result<&SchedClassifier> {

@@ -1,0 +1,1 @@
+//! Benchmarks behind `cargo xtask bench` (being written).

@@ -1,0 +1,1 @@
+//! /metrics, /healthz, /readyz and the health-check node ports (being written).

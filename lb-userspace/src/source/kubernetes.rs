@@ -1,0 +1,1 @@
+//! Cluster state from the Kubernetes API (being written).
