@@ -28,6 +28,11 @@ impl Cluster {
     /// The default testbed with servers in every pod, the example Service applied, and an
     /// agent on each node.
     fn start(test: &str) -> Option<Self> {
+        Self::start_with(test, &[])
+    }
+
+    /// As `start`, with extra `xlb run` arguments for every agent.
+    fn start_with(test: &str, extra: &[&str]) -> Option<Self> {
         if !require_privileges(test) {
             return None;
         }
@@ -37,7 +42,7 @@ impl Cluster {
         std::fs::create_dir_all(&manifests).unwrap();
         std::fs::write(manifests.join("web.yaml"), EXAMPLE).unwrap();
         for node in ["node1", "node2"] {
-            tb.start_agent(xlb_bin(), node, &manifests, &[])
+            tb.start_agent(xlb_bin(), node, &manifests, extra)
                 .unwrap_or_else(|e| panic!("agent on {node}: {e:#}"));
         }
         Some(Self { tb, manifests })
@@ -45,6 +50,14 @@ impl Cluster {
 
     fn netns(&self, pod: &str) -> String {
         self.tb.pod(pod).netns.clone()
+    }
+
+    /// Replaces the example manifest with `text`, atomically (write aside, rename): the agent
+    /// never reads a half-written file.
+    fn write_manifest(&self, text: &str) {
+        let tmp = self.manifests.join(".web.yaml.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, self.manifests.join("web.yaml")).unwrap();
     }
 
     /// Rewrites the example with only `pods` as endpoints.
@@ -266,4 +279,150 @@ fn services_and_conntrack_commands_show_the_programmed_datapath() {
             .any(|f| f["to"] == "10.96.0.10:80" && f["direction"] == "original"),
         "{flows}"
     );
+    // The maps stay pinned when the agent stops: the commands still read them.
+    let mut c = c;
+    c.tb.stop_agent("node1").expect("stop agent");
+    let out = std::process::Command::new(xlb_bin())
+        .args(["services", "--pin-path"])
+        .arg(&pin)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.starts_with("FRONTEND"), "{table}");
+    assert!(
+        table.contains("10.96.0.10:80/TCP") && table.contains("default/web:http/TCP"),
+        "{table}"
+    );
+}
+
+/// Names of the programs attached by tcx at ingress of `iface` in `netns`.
+fn tcx_programs(c: &Cluster, netns: &str, iface: &str) -> Vec<String> {
+    c.tb.in_netns(netns, || {
+        let (_, programs) =
+            aya::programs::SchedClassifier::query_tcx(iface, aya::programs::TcAttachType::Ingress)?;
+        Ok(programs
+            .iter()
+            .filter_map(|p| p.name_as_str().map(str::to_string))
+            .collect::<Vec<_>>())
+    })
+    .unwrap_or_else(|e| panic!("query tcx on {iface}: {e:#}"))
+}
+
+#[test]
+fn uplinks_in_tc_mode_serve_nodeport_and_clusterip() {
+    let Some(c) = Cluster::start_with(
+        "uplinks_in_tc_mode_serve_nodeport_and_clusterip",
+        &["--uplink-mode", "tc"],
+    ) else {
+        return;
+    };
+    let ext = c.tb.external().netns.clone();
+    for node in ["node1", "node2"] {
+        let ip = c.tb.node(node).ip;
+        let seen = answers(120, &ALL_PODS, || c.tb.http_get(&ext, ip, 30080));
+        assert_eq!(
+            seen,
+            all(),
+            "NodePort via {node} with TC uplinks\n{}",
+            c.logs()
+        );
+    }
+    let ns = c.netns("pod-c");
+    let seen = answers(120, &ALL_PODS, || c.tb.http_get(&ns, VIP, 80));
+    assert_eq!(seen, all(), "ClusterIP with TC uplinks\n{}", c.logs());
+    // The uplink really runs the TC program (tcx), not XDP.
+    let node1 = c.tb.node("node1").netns.clone();
+    assert_eq!(tcx_programs(&c, &node1, "eth0"), vec!["xlb_tc".to_string()]);
+}
+
+#[test]
+fn pod_interface_created_after_start_is_attached() {
+    let Some(c) = Cluster::start("pod_interface_created_after_start_is_attached") else {
+        return;
+    };
+    let node1 = c.tb.node("node1").netns.clone();
+    // Lives in the node's namespace, so the testbed's teardown removes it.
+    let out =
+        c.tb.run_in(
+            &node1,
+            &[
+                "ip", "link", "add", "name", "xvlate", "type", "veth", "peer", "name", "late0",
+            ],
+        )
+        .expect("ip link add");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The agent rescans interfaces every second.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while tcx_programs(&c, &node1, "xvlate").is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "xvlate not attached within 5 s\n{}",
+            c.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        tcx_programs(&c, &node1, "xvlate"),
+        vec!["xlb_tc".to_string()]
+    );
+    assert!(
+        tcx_programs(&c, &node1, "late0").is_empty(),
+        "late0 does not match xv* and must stay untouched"
+    );
+}
+
+#[test]
+fn malformed_manifest_keeps_the_last_good_state() {
+    let Some(c) = Cluster::start("malformed_manifest_keeps_the_last_good_state") else {
+        return;
+    };
+    c.write_manifest("apiVersion: v1\nkind: Service\nmetadata: {name: web\n  spec: [unclosed\n");
+    // The agent reports the file and the reason...
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let log = c.tb.agent_log("node1");
+        if log.contains("web.yaml") && log.contains("manifest not applied") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "malformed file not reported\n{}",
+            c.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // ...and keeps serving the last good state: every backend still answers.
+    let ns = c.netns("pod-c");
+    let seen = answers(120, &ALL_PODS, || c.tb.http_get(&ns, VIP, 80));
+    assert_eq!(seen, all(), "{}", c.logs());
+    // A good file again is applied.
+    c.set_endpoints(&["pod-b"]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let answers: BTreeSet<String> = (0..10)
+            .map(|_| {
+                c.tb.http_get(&ns, VIP, 80)
+                    .expect("request")
+                    .trim()
+                    .to_string()
+            })
+            .collect();
+        if answers == BTreeSet::from(["pod-b".to_string()]) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "fixed manifest not applied: {answers:?}\n{}",
+            c.logs()
+        );
+    }
 }
