@@ -426,3 +426,55 @@ fn malformed_manifest_keeps_the_last_good_state() {
         );
     }
 }
+
+#[test]
+fn external_ip_and_load_balancer_ip_work_from_outside_and_from_pods() {
+    let Some(c) =
+        Cluster::start("external_ip_and_load_balancer_ip_work_from_outside_and_from_pods")
+    else {
+        return;
+    };
+    let external_ip = Ipv4Addr::new(203, 0, 113, 10);
+    let lb_ip = Ipv4Addr::new(203, 0, 113, 20);
+    let mut docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(EXAMPLE)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect();
+    docs[0]["spec"]["externalIPs"] = serde_yaml::from_str(&format!("[{external_ip}]")).unwrap();
+    docs[0]["spec"]["type"] = "LoadBalancer".into();
+    docs[0]["status"] =
+        serde_yaml::from_str(&format!("{{loadBalancer: {{ingress: [{{ip: {lb_ip}}}]}}}}")).unwrap();
+    let text: Vec<String> = docs
+        .iter()
+        .map(|d| serde_yaml::to_string(d).unwrap())
+        .collect();
+    c.write_manifest(&text.join("---\n"));
+    // The network routes these addresses to node2 (neither is assigned to any node).
+    let ext = c.tb.external().netns.clone();
+    let node2 = c.tb.node("node2").ip.to_string();
+    for ip in [external_ip, lb_ip] {
+        let out =
+            c.tb.run_in(
+                &ext,
+                &["ip", "route", "add", &format!("{ip}/32"), "via", &node2],
+            )
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let pod = c.netns("pod-a");
+    for ip in [external_ip, lb_ip] {
+        // Applied within the agent's poll interval; the first requests may still be refused.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while c.tb.http_get(&ext, ip, 80).is_err() {
+            assert!(Instant::now() < deadline, "{ip} not served\n{}", c.logs());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let seen = answers(120, &ALL_PODS, || c.tb.http_get(&ext, ip, 80));
+        assert_eq!(seen, all(), "external client -> {ip}\n{}", c.logs());
+        let seen = answers(120, &ALL_PODS, || c.tb.http_get(&pod, ip, 80));
+        assert_eq!(seen, all(), "pod-a -> {ip}\n{}", c.logs());
+    }
+}
