@@ -302,7 +302,18 @@ pub mod stat {
     pub const REDIRECT_FIB: u32 = 12;
     /// Rewriting the packet failed (helper error): dropped.
     pub const DROP_REWRITE_FAILED: u32 = 13;
-    pub const COUNT: u32 = 14;
+    /// TCP to a service without endpoints: answered with a RST (S10).
+    pub const REJECT_TCP_RESET: u32 = 14;
+    /// UDP to a service without endpoints: answered with ICMP port unreachable (S10).
+    pub const REJECT_ICMP_UNREACHABLE: u32 = 15;
+    /// A reject could not be built (e.g. IP options, helper error): dropped instead.
+    pub const DROP_REJECT_FAILED: u32 = 16;
+    /// Node-local policy (externalTrafficPolicy/internalTrafficPolicy: Local) and no local
+    /// endpoint: dropped, not rejected, so a load balancer's health check moves traffic away.
+    pub const DROP_NO_LOCAL_BACKEND: u32 = 17;
+    /// Source outside the load balancer's loadBalancerSourceRanges: dropped.
+    pub const DROP_SOURCE_RANGE: u32 = 18;
+    pub const COUNT: u32 = 19;
 
     /// Names for metrics and `xlb stats`, indexed by reason.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -320,6 +331,11 @@ pub mod stat {
         "drop_conntrack_full",
         "redirect_fib",
         "drop_rewrite_failed",
+        "reject_tcp_reset",
+        "reject_icmp_unreachable",
+        "drop_reject_failed",
+        "drop_no_local_backend",
+        "drop_source_range",
     ];
 }
 

@@ -2,7 +2,7 @@
 //! with the kernel resolving the neighbour (bpf_redirect_neigh). Falls back to the stack.
 use aya_ebpf::{
     bindings::{bpf_fib_lookup, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK},
-    helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_redirect_neigh},
+    helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
 use lb_common::stat;
@@ -49,4 +49,13 @@ pub fn redirect_by_fib(ctx: &TcContext) -> i32 {
         }
     }
     TC_ACT_OK
+}
+
+/// Sends a packet the pipeline turned into an answer back out of the interface it came in
+/// on (towards the pod, for a pod veth).
+#[inline(always)]
+pub fn bounce(ctx: &TcContext) -> i32 {
+    // SAFETY: ctx.skb.skb is the program's __sk_buff; bpf_redirect takes plain integers.
+    let action = unsafe { bpf_redirect((*ctx.skb.skb).ifindex, 0) };
+    action as i32
 }

@@ -20,6 +20,7 @@ mod maps;
 mod nat;
 mod parse;
 mod pipeline;
+mod reject;
 mod stats;
 
 use aya_ebpf::{
@@ -36,6 +37,7 @@ pub fn xlb_xdp(ctx: XdpContext) -> u32 {
     match pipeline::process(&context::Xdp(&ctx)) {
         Outcome::Pass | Outcome::Translated => xdp_action::XDP_PASS,
         Outcome::Drop => xdp_action::XDP_DROP,
+        Outcome::Bounce => xdp_action::XDP_TX,
     }
 }
 
@@ -56,6 +58,7 @@ pub fn xlb_tc(ctx: TcContext) -> i32 {
         Outcome::Pass => TC_ACT_OK,
         Outcome::Drop => TC_ACT_SHOT,
         Outcome::Translated => forward::redirect_by_fib(&ctx),
+        Outcome::Bounce => forward::bounce(&ctx),
     }
 }
 

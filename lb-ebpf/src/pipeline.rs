@@ -2,7 +2,7 @@
 //! exactly one verdict reason.
 use lb_common::{stat, FLOW_F_REPLY};
 
-use crate::{conntrack, lookup, nat::Rewrite, parse::parse, stats::count};
+use crate::{conntrack, lookup, nat::Rewrite, parse::parse, reject::Reject, stats::count};
 
 pub enum Outcome {
     /// Not ours (or not parseable): hand on untouched.
@@ -10,10 +10,14 @@ pub enum Outcome {
     Drop,
     /// Rewritten; the entry point decides how to send it on.
     Translated,
+    /// Turned into an answer to its sender (TCP RST, ICMP port unreachable): send it back
+    /// out of the interface it came in on.
+    #[allow(dead_code)] // built by reject.rs once active rejects land
+    Bounce,
 }
 
 #[inline(always)]
-pub fn process<C: Rewrite>(ctx: &C) -> Outcome {
+pub fn process<C: Rewrite + Reject>(ctx: &C) -> Outcome {
     let packet = match parse(ctx) {
         Ok(p) => p,
         Err(reason) => {
@@ -41,6 +45,8 @@ pub fn process<C: Rewrite>(ctx: &C) -> Outcome {
         .and_then(|backend| conntrack::create(&packet.flow, &service, &backend))
     {
         Ok(nat) => nat,
+        // S10: a service without endpoints answers at once instead of timing out.
+        Err(stat::DROP_NO_BACKEND) => return ctx.reject(&packet),
         Err(reason) => {
             count(reason);
             return Outcome::Drop;
