@@ -24,8 +24,14 @@ pub mod map_name {
     pub const CONFIG: &str = "XLB_CONFIG_V1";
     /// Backend-set id -> service name, for `xlb services` (never read by the datapath).
     pub const SET_NAMES: &str = "XLB_NAMES_V1";
+    /// (set, backend) -> present: lets session affinity check a remembered backend is still live.
+    pub const MEMBERS: &str = "XLB_MEMBER_V1";
+    /// Session affinity: (client, set) -> backend last chosen.
+    pub const AFFINITY: &str = "XLB_AFFINITY_V1";
+    /// loadBalancerSourceRanges: LPM trie of (frontend, source prefix).
+    pub const SOURCE_RANGES: &str = "XLB_SRCRANGE_V1";
     /// Every map, for pinning, adoption and clean-up.
-    pub const ALL: [&str; 7] = [
+    pub const ALL: [&str; 10] = [
         SERVICES,
         BACKEND_SETS,
         BACKENDS,
@@ -33,6 +39,9 @@ pub mod map_name {
         STATS,
         CONFIG,
         SET_NAMES,
+        MEMBERS,
+        AFFINITY,
+        SOURCE_RANGES,
     ];
 }
 
@@ -43,6 +52,12 @@ pub mod capacity {
     pub const SERVICES: u32 = 524_288;
     /// Backend-set names (same count as backend sets).
     pub const SET_NAMES: u32 = BACKEND_SETS;
+    /// One membership entry per backend slot of the current generation.
+    pub const MEMBERS: u32 = BACKENDS / 2;
+    /// Remembered (client, set) pairs for session affinity; LRU.
+    pub const AFFINITY: u32 = 262_144;
+    /// (frontend, CIDR) entries of loadBalancerSourceRanges.
+    pub const SOURCE_RANGES: u32 = 65_536;
     /// Backend sets: one per service port and traffic scope.
     pub const BACKEND_SETS: u32 = 262_144;
     /// Backend slots, both generations: 100 000 services x 10 backends, twice.
@@ -88,15 +103,27 @@ impl ServiceKey {
 /// cluster CIDR, or to a backend on another node, are masqueraded to the node address so
 /// that the reply comes back through this node.
 pub const SVC_F_EXTERNAL: u32 = 1 << 0;
+/// Frontend flag: `backend_set` is node-local (externalTrafficPolicy or
+/// internalTrafficPolicy Local): when it is empty, traffic is dropped, not rejected.
+pub const SVC_F_LOCAL: u32 = 1 << 1;
+/// Frontend flag: sessionAffinity ClientIP, for `affinity_timeout` seconds.
+pub const SVC_F_AFFINITY: u32 = 1 << 2;
+/// Frontend flag: only sources in `SOURCE_RANGES` for this frontend may connect.
+pub const SVC_F_SOURCE_RANGES: u32 = 1 << 3;
 
 /// What a frontend resolves to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ServiceValue {
-    /// Key into `BACKEND_SETS`.
+    /// Key into `BACKEND_SETS`: the backends for this frontend's traffic policy.
     pub backend_set: u32,
+    /// For external frontends under externalTrafficPolicy Local: the cluster-wide set, used
+    /// by sources inside the cluster CIDR (pods keep reaching every endpoint, S22). 0: none.
+    pub cluster_set: u32,
     /// `SVC_F_*` bits.
     pub flags: u32,
+    /// Session affinity timeout in seconds (with `SVC_F_AFFINITY`).
+    pub affinity_timeout: u32,
 }
 
 /// The current backends of one service port in one traffic scope.
@@ -184,6 +211,46 @@ impl PartialOrd for Backend {
         Some(self.cmp(other))
     }
 }
+
+/// Key of `MEMBERS`: a backend of a set's current generation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MemberKey {
+    pub set: u32,
+    pub addr: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Key of `AFFINITY`: one client of one backend set.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    /// Client address, network byte order.
+    pub client: u32,
+    pub set: u32,
+}
+
+/// The backend a client was last sent to, and when (bpf_ktime_get_ns of its last new flow).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AffinityValue {
+    pub backend: Backend,
+    pub last_ns: u64,
+}
+
+/// Data of an LPM key of `SOURCE_RANGES`: the frontend, then the source address. The
+/// prefix length covers the 64 frontend bits plus the CIDR's prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceRange {
+    pub frontend: ServiceKey,
+    /// Source address (prefix), network byte order.
+    pub source: u32,
+}
+
+/// Bits of `SourceRange` before the source address.
+pub const SOURCE_RANGE_FRONTEND_BITS: u32 = 64;
 
 /// A packet's 5-tuple as seen on the wire, key of the connection-tracking table.
 #[repr(C)]
@@ -341,7 +408,11 @@ pub mod stat {
 
 // Layout checks: these types are shared with the kernel byte for byte.
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
-const _: () = assert!(core::mem::size_of::<ServiceValue>() == 8);
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
+const _: () = assert!(core::mem::size_of::<MemberKey>() == 12);
+const _: () = assert!(core::mem::size_of::<AffinityKey>() == 8);
+const _: () = assert!(core::mem::size_of::<AffinityValue>() == 16);
+const _: () = assert!(core::mem::size_of::<SourceRange>() == 12);
 const _: () = assert!(core::mem::size_of::<BackendSet>() == 8);
 const _: () = assert!(core::mem::size_of::<BackendSlot>() == 8);
 const _: () = assert!(core::mem::size_of::<Backend>() == 8);
@@ -364,4 +435,8 @@ mod pod {
     unsafe impl aya::Pod for FlowNat {}
     unsafe impl aya::Pod for DatapathConfig {}
     unsafe impl aya::Pod for SetName {}
+    unsafe impl aya::Pod for MemberKey {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for SourceRange {}
 }

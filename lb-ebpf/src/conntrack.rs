@@ -9,10 +9,7 @@ use lb_common::{
     FLOW_F_ORIGINAL, FLOW_F_REPLY, FLOW_F_SNAT, SVC_F_EXTERNAL,
 };
 
-use crate::{
-    lookup::flow_hash,
-    maps::{CONFIG, CONNTRACK},
-};
+use crate::{lookup::flow_hash, maps::CONNTRACK};
 
 /// Refresh `last_seen_ns` at most this often: a write per packet would bounce the entry's
 /// cache line between CPUs.
@@ -21,7 +18,7 @@ const REFRESH_NS: u64 = 1_000_000_000;
 const SNAT_TRIES: u32 = 8;
 
 #[inline(always)]
-fn now() -> u64 {
+pub fn now() -> u64 {
     // SAFETY: no arguments, always safe to call from any program type.
     unsafe { bpf_ktime_get_ns() }
 }
@@ -39,23 +36,6 @@ pub fn lookup(flow: &FlowKey) -> Option<FlowNat> {
         }
         Some(*entry)
     }
-}
-
-#[inline(always)]
-fn config() -> DatapathConfig {
-    // SAFETY: slot 0 of a one-slot array always exists; copied out.
-    CONFIG
-        .get_ptr(0)
-        .map(|c| unsafe { *c })
-        .unwrap_or(DatapathConfig {
-            cluster_cidr_addr: 0,
-            cluster_cidr_mask: 0,
-            snat_addr: 0,
-            snat_port_min: 0,
-            snat_port_max: 0,
-            flags: 0,
-            _reserved: 0,
-        })
 }
 
 /// Masquerade when the backend's reply would otherwise not come back through this node:
@@ -76,14 +56,26 @@ fn needs_masquerade(
         return true;
     }
     let local = backend.flags & BACKEND_F_LOCAL != 0;
-    let in_cluster = flow.saddr & cfg.cluster_cidr_mask == cfg.cluster_cidr_addr;
-    !local && (service.flags & SVC_F_EXTERNAL != 0 || !in_cluster)
+    !local && (service.flags & SVC_F_EXTERNAL != 0 || !in_cluster(cfg, flow.saddr))
+}
+
+/// Whether `addr` is inside the cluster (pod) CIDR. Without a configured CIDR, every source
+/// counts as inside.
+#[inline(always)]
+pub fn in_cluster(cfg: &DatapathConfig, addr: u32) -> bool {
+    addr & cfg.cluster_cidr_mask == cfg.cluster_cidr_addr
 }
 
 /// Tracks a new flow to `backend` and returns the translation for its first packet.
 #[inline(always)]
-pub fn create(flow: &FlowKey, service: &ServiceValue, backend: &Backend) -> Result<FlowNat, u32> {
-    let cfg = config();
+pub fn create(
+    cfg: &DatapathConfig,
+    flow: &FlowKey,
+    service: &ServiceValue,
+    backend_set: u32,
+    backend: &Backend,
+) -> Result<FlowNat, u32> {
+    let cfg = *cfg;
     let now = now();
     let mut original = FlowNat {
         saddr: flow.saddr,
@@ -91,7 +83,7 @@ pub fn create(flow: &FlowKey, service: &ServiceValue, backend: &Backend) -> Resu
         sport: flow.sport,
         dport: backend.port,
         flags: FLOW_F_ORIGINAL,
-        backend_set: service.backend_set,
+        backend_set,
         _pad: 0,
         last_seen_ns: now,
     };
@@ -101,7 +93,7 @@ pub fn create(flow: &FlowKey, service: &ServiceValue, backend: &Backend) -> Resu
         sport: flow.dport,
         dport: flow.sport,
         flags: FLOW_F_REPLY,
-        backend_set: service.backend_set,
+        backend_set,
         _pad: 0,
         last_seen_ns: now,
     };

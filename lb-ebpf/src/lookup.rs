@@ -1,7 +1,15 @@
 //! Look-up stage for new flows: frontend -> backend set -> one backend.
-use lb_common::{stat, Backend, BackendSlot, FlowKey, ServiceKey, ServiceValue};
+use aya_ebpf::{bindings::BPF_ANY, maps::lpm_trie::Key};
+use lb_common::{
+    stat, AffinityKey, AffinityValue, Backend, BackendSlot, DatapathConfig, FlowKey, MemberKey,
+    ServiceKey, ServiceValue, SourceRange, SOURCE_RANGE_FRONTEND_BITS, SVC_F_AFFINITY, SVC_F_LOCAL,
+    SVC_F_SOURCE_RANGES,
+};
 
-use crate::maps::{BACKENDS, BACKEND_SETS, SERVICES};
+use crate::{
+    conntrack::{in_cluster, now},
+    maps::{AFFINITY, BACKENDS, BACKEND_SETS, MEMBERS, SERVICES, SOURCE_RANGES},
+};
 
 #[inline(always)]
 pub fn service(flow: &FlowKey) -> Option<ServiceValue> {
@@ -15,24 +23,104 @@ pub fn service(flow: &FlowKey) -> Option<ServiceValue> {
     SERVICES.get_ptr(key).map(|v| unsafe { *v })
 }
 
-/// Picks the backend for a new flow. The same 5-tuple always hashes to the same slot, so a
-/// retransmitted first packet whose conntrack insert was lost still lands on one backend.
+/// loadBalancerSourceRanges (S14): a frontend with ranges admits only sources inside one.
 #[inline(always)]
-pub fn backend(service: &ServiceValue, flow: &FlowKey) -> Result<Backend, u32> {
-    // SAFETY: as above, values are copied out immediately.
+pub fn source_allowed(service: &ServiceValue, flow: &FlowKey) -> bool {
+    if service.flags & SVC_F_SOURCE_RANGES == 0 {
+        return true;
+    }
+    let data = SourceRange {
+        frontend: ServiceKey {
+            addr: flow.daddr,
+            port: flow.dport,
+            proto: flow.proto,
+            _pad: 0,
+        },
+        source: flow.saddr,
+    };
+    SOURCE_RANGES
+        .get(Key::new(SOURCE_RANGE_FRONTEND_BITS + 32, data))
+        .is_some()
+}
+
+/// Which backend set serves this flow. External frontends under externalTrafficPolicy
+/// Local keep a cluster-wide set for sources inside the cluster (S22); everything else uses
+/// the frontend's own set. Returns the set and whether it is node-local.
+#[inline(always)]
+fn scope(cfg: &DatapathConfig, service: &ServiceValue, flow: &FlowKey) -> (u32, bool) {
+    if service.cluster_set != 0 && in_cluster(cfg, flow.saddr) {
+        (service.cluster_set, false)
+    } else {
+        (service.backend_set, service.flags & SVC_F_LOCAL != 0)
+    }
+}
+
+/// Picks the backend for a new flow; returns it with the set it came from. The same 5-tuple
+/// always hashes to the same slot, so a retransmitted first packet whose conntrack insert was
+/// lost still lands on one backend.
+#[inline(always)]
+pub fn backend(
+    cfg: &DatapathConfig,
+    service: &ServiceValue,
+    flow: &FlowKey,
+) -> Result<(u32, Backend), u32> {
+    let (set_id, local) = scope(cfg, service, flow);
+    // SAFETY: values are copied out of the map immediately.
     let set = BACKEND_SETS
-        .get_ptr(service.backend_set)
+        .get_ptr(set_id)
         .map(|v| unsafe { *v })
         .ok_or(stat::DROP_BACKEND_MISSING)?;
     if set.count == 0 {
-        return Err(stat::DROP_NO_BACKEND);
+        // Node-local policy without a local endpoint drops (the load balancer's health
+        // check steers traffic away); a service without endpoints rejects (S10, S22).
+        return Err(if local {
+            stat::DROP_NO_LOCAL_BACKEND
+        } else {
+            stat::DROP_NO_BACKEND
+        });
+    }
+    let affinity = service.flags & SVC_F_AFFINITY != 0;
+    let key = AffinityKey {
+        client: flow.saddr,
+        set: set_id,
+    };
+    let now = now();
+    if affinity {
+        if let Some(remembered) = AFFINITY.get_ptr_mut(key) {
+            // SAFETY: valid for this program run; a racing update writes a whole value too.
+            let remembered = unsafe { &mut *remembered };
+            let fresh = now.wrapping_sub(remembered.last_ns)
+                < u64::from(service.affinity_timeout) * 1_000_000_000;
+            let member = MemberKey {
+                set: set_id,
+                addr: remembered.backend.addr,
+                port: remembered.backend.port,
+                _pad: 0,
+            };
+            if fresh && MEMBERS.get_ptr(member).is_some() {
+                remembered.last_ns = now;
+                return Ok((set_id, remembered.backend));
+            }
+        }
     }
     let index = flow_hash(flow) % set.count;
-    let slot = BackendSlot::new(service.backend_set, set.generation, index);
-    BACKENDS
+    let slot = BackendSlot::new(set_id, set.generation, index);
+    let backend = BACKENDS
         .get_ptr(slot)
         .map(|v| unsafe { *v })
-        .ok_or(stat::DROP_BACKEND_MISSING)
+        .ok_or(stat::DROP_BACKEND_MISSING)?;
+    if affinity {
+        // Best effort: a failed insert only means the next flow may pick another backend.
+        let _ = AFFINITY.insert(
+            key,
+            AffinityValue {
+                backend,
+                last_ns: now,
+            },
+            BPF_ANY as u64,
+        );
+    }
+    Ok((set_id, backend))
 }
 
 /// A 32-bit mix of the 5-tuple (murmur3 finaliser over a xor-fold).

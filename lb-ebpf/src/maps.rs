@@ -3,22 +3,30 @@
 //! All maps are pinned by name under the agent's `--pin-path`, so a restarted agent adopts
 //! them and the conntrack table survives.
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    capacity, stat, Backend, BackendSet, BackendSlot, DatapathConfig, FlowKey, FlowNat, ServiceKey,
-    ServiceValue, SetName,
+    capacity, stat, AffinityKey, AffinityValue, Backend, BackendSet, BackendSlot, DatapathConfig,
+    FlowKey, FlowNat, MemberKey, ServiceKey, ServiceValue, SetName, SourceRange,
 };
 
+/// Control-plane maps are written by the agent only: allocate entries as they are written
+/// instead of reserving memory for the full capacity up front (2M backend slots preallocated
+/// would cost hundreds of MB per node). Lookups cost the same either way.
+const ON_DEMAND: u32 = BPF_F_NO_PREALLOC;
+
 #[map(name = "XLB_SVC_V1")]
-pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(capacity::SERVICES, 0);
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
+    HashMap::pinned(capacity::SERVICES, ON_DEMAND);
 
 #[map(name = "XLB_BSET_V1")]
-pub static BACKEND_SETS: HashMap<u32, BackendSet> = HashMap::pinned(capacity::BACKEND_SETS, 0);
+pub static BACKEND_SETS: HashMap<u32, BackendSet> =
+    HashMap::pinned(capacity::BACKEND_SETS, ON_DEMAND);
 
 #[map(name = "XLB_BACKEND_V1")]
-pub static BACKENDS: HashMap<BackendSlot, Backend> = HashMap::pinned(capacity::BACKENDS, 0);
+pub static BACKENDS: HashMap<BackendSlot, Backend> = HashMap::pinned(capacity::BACKENDS, ON_DEMAND);
 
 /// LRU: under pressure the least recently used flows go first, never a new insert failing.
 #[map(name = "XLB_CT_V1")]
@@ -32,4 +40,33 @@ pub static CONFIG: Array<DatapathConfig> = Array::pinned(1, 0);
 
 /// Written by the agent for `xlb services`; the programs never read it.
 #[map(name = "XLB_NAMES_V1")]
-pub static SET_NAMES: HashMap<u32, SetName> = HashMap::pinned(capacity::SET_NAMES, 0);
+pub static SET_NAMES: HashMap<u32, SetName> = HashMap::pinned(capacity::SET_NAMES, ON_DEMAND);
+
+#[map(name = "XLB_MEMBER_V1")]
+pub static MEMBERS: HashMap<MemberKey, u32> = HashMap::pinned(capacity::MEMBERS, ON_DEMAND);
+
+/// LRU: clients that stop coming back age out.
+#[map(name = "XLB_AFFINITY_V1")]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::pinned(capacity::AFFINITY, 0);
+
+#[map(name = "XLB_SRCRANGE_V1")]
+pub static SOURCE_RANGES: LpmTrie<SourceRange, u32> = LpmTrie::pinned(capacity::SOURCE_RANGES, 0);
+
+/// The agent's settings (an all-zero config until it has written one).
+#[inline(always)]
+pub fn config() -> DatapathConfig {
+    // SAFETY: slot 0 of a one-slot array always exists; copied out.
+    CONFIG
+        .get_ptr(0)
+        .map(|c| unsafe { *c })
+        .unwrap_or(DatapathConfig {
+            cluster_cidr_addr: 0,
+            cluster_cidr_mask: 0,
+            snat_addr: 0,
+            snat_port_min: 0,
+            snat_port_max: 0,
+            flags: 0,
+            _reserved: 0,
+        })
+}

@@ -2,7 +2,9 @@
 //! exactly one verdict reason.
 use lb_common::{stat, FLOW_F_REPLY};
 
-use crate::{conntrack, lookup, nat::Rewrite, parse::parse, reject::Reject, stats::count};
+use crate::{
+    conntrack, lookup, maps::config, nat::Rewrite, parse::parse, reject::Reject, stats::count,
+};
 
 pub enum Outcome {
     /// Not ours (or not parseable): hand on untouched.
@@ -41,8 +43,13 @@ pub fn process<C: Rewrite + Reject>(ctx: &C) -> Outcome {
         count(stat::PASS_NO_SERVICE);
         return Outcome::Pass;
     };
-    let nat = match lookup::backend(&service, &packet.flow)
-        .and_then(|backend| conntrack::create(&packet.flow, &service, &backend))
+    if !lookup::source_allowed(&service, &packet.flow) {
+        count(stat::DROP_SOURCE_RANGE);
+        return Outcome::Drop;
+    }
+    let cfg = config();
+    let nat = match lookup::backend(&cfg, &service, &packet.flow)
+        .and_then(|(set, backend)| conntrack::create(&cfg, &packet.flow, &service, set, &backend))
     {
         Ok(nat) => nat,
         // S10: a service without endpoints answers at once instead of timing out.

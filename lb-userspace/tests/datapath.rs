@@ -92,11 +92,7 @@ impl Fixture {
         desired
             .backend_sets
             .insert("default/empty:81/TCP".into(), vec![]);
-        let fe = |set: &str, kind, flags| Frontend {
-            backend_set: set.into(),
-            kind,
-            flags,
-        };
+        let fe = |set: &str, kind, flags| Frontend::new(set, kind, flags);
         desired.frontends.insert(
             ServiceKey::new(VIP, 80, IPPROTO_TCP),
             fe("default/web:http/TCP", FrontendKind::ClusterIp, 0),

@@ -9,15 +9,19 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{Context, Result};
 use aya::{
-    maps::{Array, HashMap, MapData},
+    maps::{
+        lpm_trie::{Key, LpmTrie},
+        Array, HashMap, MapData,
+    },
     Ebpf,
 };
 use lb_common::{
-    map_name, Backend, BackendSet, BackendSlot, DatapathConfig, ServiceKey, ServiceValue, SetName,
+    map_name, Backend, BackendSet, BackendSlot, DatapathConfig, MemberKey, ServiceKey,
+    ServiceValue, SetName, SourceRange, SOURCE_RANGE_FRONTEND_BITS,
 };
 use tracing::warn;
 
-use crate::model::{BackendSetName, DesiredState};
+use crate::model::{BackendSetName, DesiredState, Ipv4Cidr};
 
 /// A backend set as installed in the maps.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -50,7 +54,14 @@ pub struct MapWriter {
     backend_sets: HashMap<MapData, u32, BackendSet>,
     backends: HashMap<MapData, BackendSlot, Backend>,
     set_names: HashMap<MapData, u32, SetName>,
+    members: HashMap<MapData, MemberKey, u32>,
+    source_ranges: LpmTrie<MapData, SourceRange, u32>,
     config: Array<MapData, DatapathConfig>,
+    /// Mirror of `source_ranges`.
+    ranges: BTreeSet<(ServiceKey, Ipv4Cidr)>,
+    /// Membership entries found at adoption that do not match the adopted sets.
+    stray_members: Vec<MemberKey>,
+    missing_members: Vec<MemberKey>,
     /// Mirror of the maps' content, by set name and by frontend.
     sets: BTreeMap<BackendSetName, InstalledSet>,
     frontends: BTreeMap<ServiceKey, ServiceValue>,
@@ -79,7 +90,12 @@ impl MapWriter {
             backend_sets: take(ebpf, map_name::BACKEND_SETS)?,
             backends: take(ebpf, map_name::BACKENDS)?,
             set_names: take(ebpf, map_name::SET_NAMES)?,
+            members: take(ebpf, map_name::MEMBERS)?,
+            source_ranges: take(ebpf, map_name::SOURCE_RANGES)?,
             config: take(ebpf, map_name::CONFIG)?,
+            ranges: BTreeSet::new(),
+            stray_members: Vec::new(),
+            missing_members: Vec::new(),
             sets: BTreeMap::new(),
             frontends: BTreeMap::new(),
             stray_slots: Vec::new(),
@@ -154,6 +170,27 @@ impl MapWriter {
             let (key, value) = entry.context("reading services")?;
             self.frontends.insert(key, value);
         }
+        let mut pinned_members = BTreeSet::new();
+        for key in self.members.keys() {
+            pinned_members.insert(key.context("reading members")?);
+        }
+        let expected: BTreeSet<MemberKey> = self
+            .sets
+            .values()
+            .flat_map(|s| s.backends.iter().map(|b| member(s.id, b)))
+            .collect();
+        self.stray_members = pinned_members.difference(&expected).copied().collect();
+        self.missing_members = expected.difference(&pinned_members).copied().collect();
+        for key in self.source_ranges.keys() {
+            let key = key.context("reading source ranges")?;
+            let data = key.data();
+            let prefix = (key.prefix_len().saturating_sub(SOURCE_RANGE_FRONTEND_BITS)) as u8;
+            let cidr = Ipv4Cidr {
+                addr: std::net::Ipv4Addr::from(u32::from_be(data.source)),
+                prefix,
+            };
+            self.ranges.insert((data.frontend, cidr));
+        }
         let used: BTreeSet<u32> = self.sets.values().map(|s| s.id).collect();
         self.free_ids = (1..self.next_id)
             .filter(|id| !used.contains(id))
@@ -210,6 +247,12 @@ impl MapWriter {
                         .insert(id, SetName::new(name), 0)
                         .context("writing set name")?;
                     stats.map_ops += 2;
+                    for b in backends {
+                        self.members
+                            .insert(member(id, b), 0, 0)
+                            .context("writing set member")?;
+                        stats.map_ops += 1;
+                    }
                     stats.sets_created += 1;
                     self.sets.insert(
                         name.clone(),
@@ -223,6 +266,19 @@ impl MapWriter {
                 Some(installed) if installed.backends != *backends => {
                     let generation = 1 - installed.generation;
                     self.write_slots(installed.id, generation, backends, &mut stats)?;
+                    let old: BTreeSet<MemberKey> = installed
+                        .backends
+                        .iter()
+                        .map(|b| member(installed.id, b))
+                        .collect();
+                    let new: BTreeSet<MemberKey> =
+                        backends.iter().map(|b| member(installed.id, b)).collect();
+                    for key in new.difference(&old) {
+                        self.members
+                            .insert(key, 0, 0)
+                            .context("writing set member")?;
+                        stats.map_ops += 1;
+                    }
                     // The switch: one atomic value replacement.
                     self.backend_sets
                         .insert(
@@ -241,6 +297,10 @@ impl MapWriter {
                         installed.backends.len(),
                         &mut stats,
                     );
+                    for key in old.difference(&new) {
+                        remove_quietly(&mut self.members, key);
+                        stats.map_ops += 1;
+                    }
                     stats.sets_updated += 1;
                     self.sets.insert(
                         name.clone(),
@@ -255,7 +315,26 @@ impl MapWriter {
             }
         }
 
-        // 2. Frontends: new and changed ones (their sets exist now).
+        for key in std::mem::take(&mut self.missing_members) {
+            self.members
+                .insert(key, 0, 0)
+                .context("writing set member")?;
+            stats.map_ops += 1;
+        }
+
+        // 2. Source ranges before the frontends that check them, then the frontends.
+        let desired_ranges: BTreeSet<(ServiceKey, Ipv4Cidr)> = desired
+            .frontends
+            .iter()
+            .flat_map(|(key, f)| f.source_ranges.iter().map(move |cidr| (*key, *cidr)))
+            .collect();
+        for (key, cidr) in desired_ranges.difference(&self.ranges.clone()) {
+            self.source_ranges
+                .insert(&range_key(key, cidr), 0, 0)
+                .context("writing source range")?;
+            self.ranges.insert((*key, *cidr));
+            stats.map_ops += 1;
+        }
         for (key, frontend) in &desired.frontends {
             let Some(set) = self.sets.get(&frontend.backend_set) else {
                 warn!(
@@ -264,9 +343,16 @@ impl MapWriter {
                 );
                 continue;
             };
+            let cluster_set = frontend
+                .cluster_set
+                .as_ref()
+                .and_then(|name| self.sets.get(name))
+                .map_or(0, |s| s.id);
             let value = ServiceValue {
                 backend_set: set.id,
+                cluster_set,
                 flags: frontend.flags,
+                affinity_timeout: frontend.affinity_timeout,
             };
             if self.frontends.get(key) != Some(&value) {
                 self.services
@@ -292,6 +378,15 @@ impl MapWriter {
             stats.frontends_deleted += 1;
         }
 
+        for (key, cidr) in self.ranges.clone().difference(&desired_ranges) {
+            match self.source_ranges.remove(&range_key(key, cidr)) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => warn!(error = %e, "source range delete failed"),
+            }
+            self.ranges.remove(&(*key, *cidr));
+            stats.map_ops += 1;
+        }
+
         // 4. Sets that are gone.
         let gone: Vec<BackendSetName> = self
             .sets
@@ -310,11 +405,19 @@ impl MapWriter {
                 installed.backends.len(),
                 &mut stats,
             );
+            for b in &installed.backends {
+                remove_quietly(&mut self.members, &member(installed.id, b));
+                stats.map_ops += 1;
+            }
             self.free_ids.push(installed.id);
             stats.sets_deleted += 1;
         }
 
         // 5. Leftovers found at adoption.
+        for key in std::mem::take(&mut self.stray_members) {
+            remove_quietly(&mut self.members, &key);
+            stats.map_ops += 1;
+        }
         for slot in std::mem::take(&mut self.stray_slots) {
             remove_quietly(&mut self.backends, &slot);
             stats.map_ops += 1;
@@ -354,6 +457,26 @@ impl MapWriter {
             stats.map_ops += 1;
         }
     }
+}
+
+fn member(set: u32, backend: &Backend) -> MemberKey {
+    MemberKey {
+        set,
+        addr: backend.addr,
+        port: backend.port,
+        _pad: 0,
+    }
+}
+
+fn range_key(frontend: &ServiceKey, cidr: &Ipv4Cidr) -> Key<SourceRange> {
+    let source = (u32::from(cidr.addr) & cidr.mask()).to_be();
+    Key::new(
+        SOURCE_RANGE_FRONTEND_BITS + u32::from(cidr.prefix),
+        SourceRange {
+            frontend: *frontend,
+            source,
+        },
+    )
 }
 
 /// Removing something already gone is fine; anything else is worth a warning, not a stop.

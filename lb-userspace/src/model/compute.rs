@@ -21,7 +21,10 @@ use k8s_openapi::{
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
-use lb_common::{BACKEND_F_LOCAL, IPPROTO_TCP, IPPROTO_UDP, SVC_F_EXTERNAL};
+use lb_common::{
+    BACKEND_F_LOCAL, IPPROTO_TCP, IPPROTO_UDP, SVC_F_AFFINITY, SVC_F_EXTERNAL, SVC_F_LOCAL,
+    SVC_F_SOURCE_RANGES,
+};
 
 use super::*;
 
@@ -42,6 +45,7 @@ pub fn desired_state(
     let mut state = DesiredState::default();
     let slices_by_service = group_slices_by_service(&cluster.endpoint_slices);
     let mut seen_services = BTreeSet::new();
+    let zone = node_zone(cluster, node);
 
     for service in sorted_by_id(&cluster.services, |s| &s.metadata) {
         let id = ObjectId::of(&service.metadata);
@@ -58,7 +62,7 @@ pub fn desired_state(
             .get(&id)
             .map(Vec::as_slice)
             .unwrap_or_default();
-        if let Some(plan) = plan_service(service, id, slices, node, &mut problems) {
+        if let Some(plan) = plan_service(service, id, slices, node, zone, &mut problems) {
             add_plan(&mut state, plan, id, &mut problems);
         }
     }
@@ -68,7 +72,9 @@ pub fn desired_state(
     let referenced: BTreeSet<&str> = state
         .frontends
         .values()
-        .map(|frontend| frontend.backend_set.as_str())
+        .flat_map(|frontend| {
+            std::iter::once(frontend.backend_set.as_str()).chain(frontend.cluster_set.as_deref())
+        })
         .collect();
     state
         .backend_sets
@@ -82,6 +88,70 @@ pub fn desired_state(
 struct ServicePlan {
     backend_sets: Vec<(BackendSetName, Vec<Backend>)>,
     frontends: Vec<(ServiceKey, Frontend)>,
+    health_check: Option<(u16, HealthCheckPort)>,
+}
+
+/// The zone of this node, from its Node object's `topology.kubernetes.io/zone` label.
+fn node_zone<'a>(cluster: &'a ClusterState, node: &NodeContext) -> Option<&'a str> {
+    cluster
+        .nodes
+        .iter()
+        .find(|n| n.metadata.name.as_deref() == Some(node.node_name.as_str()))
+        .and_then(|n| n.metadata.labels.as_ref())
+        .and_then(|labels| labels.get(LABEL_ZONE))
+        .map(String::as_str)
+}
+
+/// The service-wide policies that shape its frontends.
+struct Policies {
+    /// internalTrafficPolicy Local (S24).
+    internal_local: bool,
+    /// externalTrafficPolicy Local (S22).
+    external_local: bool,
+    /// sessionAffinity ClientIP timeout in seconds (S19-S21); 0 for none.
+    affinity_timeout: u32,
+    /// loadBalancerSourceRanges (S14).
+    source_ranges: Vec<Ipv4Cidr>,
+}
+
+/// Kubernetes' default sessionAffinityConfig.clientIP.timeoutSeconds.
+const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
+
+fn policies(spec: &ServiceSpec, report: &mut Reporter<'_, '_>) -> Policies {
+    let affinity_timeout = if spec.session_affinity.as_deref() == Some("ClientIP") {
+        let configured = spec
+            .session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds);
+        match configured {
+            None => DEFAULT_AFFINITY_TIMEOUT,
+            Some(t) if (1..=86_400).contains(&t) => t as u32,
+            Some(t) => {
+                report.problem(format!(
+                    "sessionAffinityConfig.clientIP.timeoutSeconds {t} outside 1-86400; using {DEFAULT_AFFINITY_TIMEOUT}"
+                ));
+                DEFAULT_AFFINITY_TIMEOUT
+            }
+        }
+    } else {
+        0
+    };
+    let mut source_ranges = Vec::new();
+    for range in spec.load_balancer_source_ranges.iter().flatten() {
+        // Kubernetes tolerates surrounding whitespace here (S14).
+        match range.trim().parse::<Ipv4Cidr>() {
+            Ok(cidr) => source_ranges.push(cidr),
+            Err(_) if range.contains(':') => {} // IPv6 range: not for this IPv4 datapath
+            Err(e) => report.problem(format!("loadBalancerSourceRanges: {e}; range ignored")),
+        }
+    }
+    Policies {
+        internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
+        external_local: spec.external_traffic_policy.as_deref() == Some("Local"),
+        affinity_timeout,
+        source_ranges,
+    }
 }
 
 /// The datapath state of one service, or `None` when the service gets none (ExternalName,
@@ -91,6 +161,7 @@ fn plan_service(
     id: ObjectId<'_>,
     slices: &[&EndpointSlice],
     node: &NodeContext,
+    zone: Option<&str>,
     problems: &mut Vec<ObjectProblem>,
 ) -> Option<ServicePlan> {
     if is_for_another_proxy(&service.metadata) {
@@ -127,27 +198,67 @@ fn plan_service(
         &mut report,
     );
 
+    let policies = policies(spec, &mut report);
     let slice_views: Vec<SliceView<'_>> = slices
         .iter()
         .map(|slice| slice_view(slice, problems))
         .collect();
 
+    let has_external = !external_ips.is_empty()
+        || !load_balancer_ips.is_empty()
+        || ports.iter().any(|p| p.node_port.is_some());
+    let affinity = if policies.affinity_timeout > 0 {
+        SVC_F_AFFINITY
+    } else {
+        0
+    };
+
     let mut plan = ServicePlan::default();
     for port in &ports {
-        let set_name = port.backend_set_name(id);
+        let cluster_set = port.backend_set_name(id);
+        let local_set = format!("{cluster_set}/local");
         let candidates = candidates_for_port(port, &slice_views);
-        let backends = select_backends(&candidates, node);
+        let uses_local = policies.internal_local || (policies.external_local && has_external);
+        if uses_local {
+            plan.backend_sets.push((
+                local_set.clone(),
+                select_backends(&candidates, node, Scope::Local, None),
+            ));
+        }
+        plan.backend_sets.push((
+            cluster_set.clone(),
+            select_backends(&candidates, node, Scope::Cluster, zone),
+        ));
 
         let proto = port.protocol.ipproto();
         let mut add_frontend = |addr: Ipv4Addr, frontend_port: u16, kind: FrontendKind| {
-            plan.frontends.push((
-                ServiceKey::new(addr, frontend_port, proto),
-                Frontend {
-                    backend_set: set_name.clone(),
-                    kind,
-                    flags: frontend_flags(kind),
+            let external = kind != FrontendKind::ClusterIp;
+            let local = if external {
+                policies.external_local
+            } else {
+                policies.internal_local
+            };
+            let mut frontend = Frontend::new(
+                if local {
+                    local_set.clone()
+                } else {
+                    cluster_set.clone()
                 },
-            ));
+                kind,
+                frontend_flags(kind) | affinity | if local { SVC_F_LOCAL } else { 0 },
+            );
+            frontend.affinity_timeout = policies.affinity_timeout;
+            // Pods and nodes keep reaching every endpoint through external addresses (S22).
+            if external && local {
+                frontend.cluster_set = Some(cluster_set.clone());
+            }
+            // Only the load balancer's own addresses are filtered, not the NodePort (S14).
+            if kind == FrontendKind::LoadBalancer && !policies.source_ranges.is_empty() {
+                frontend.flags |= SVC_F_SOURCE_RANGES;
+                frontend.source_ranges = policies.source_ranges.clone();
+            }
+            plan.frontends
+                .push((ServiceKey::new(addr, frontend_port, proto), frontend));
         };
         for &ip in &cluster_ips {
             add_frontend(ip, port.port, FrontendKind::ClusterIp);
@@ -163,7 +274,31 @@ fn plan_service(
         for &ip in &load_balancer_ips {
             add_frontend(ip, port.port, FrontendKind::LoadBalancer);
         }
-        plan.backend_sets.push((set_name, backends));
+    }
+    // S23: the health-check node port of an externalTrafficPolicy Local load balancer
+    // reports how many ready endpoints this node has.
+    if policies.external_local && service_type == "LoadBalancer" {
+        match spec.health_check_node_port.map(port_number) {
+            Some(Some(hc_port)) => {
+                let local_ready: BTreeSet<Ipv4Addr> = slice_views
+                    .iter()
+                    .flat_map(|slice| slice.endpoints.iter())
+                    .filter(|e| e.endpoint.node_name.as_deref() == Some(node.node_name.as_str()))
+                    .filter(|e| is_ready(e.endpoint))
+                    .map(|e| e.addr)
+                    .collect();
+                plan.health_check = Some((
+                    hc_port,
+                    HealthCheckPort {
+                        service: id.to_string(),
+                        local_endpoints: local_ready.len(),
+                    },
+                ));
+            }
+            Some(None) => Reporter::new(problems, "Service", id)
+                .problem("healthCheckNodePort out of range 1-65535; no health check".into()),
+            None => {}
+        }
     }
     Some(plan)
 }
@@ -196,6 +331,17 @@ fn add_plan(
     // Set names start with the service's namespace/name, and a service's ports have
     // distinct names (checked in `service_ports`), so these never collide.
     state.backend_sets.extend(plan.backend_sets);
+    if let Some((port, check)) = plan.health_check {
+        match state.health_checks.entry(port) {
+            Entry::Vacant(vacant) => {
+                vacant.insert(check);
+            }
+            Entry::Occupied(existing) => report.problem(format!(
+                "healthCheckNodePort {port} is already used by {}; ignored",
+                existing.get().service
+            )),
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -210,16 +356,72 @@ struct Candidate<'a> {
     endpoint: &'a Endpoint,
 }
 
+/// Which endpoints a backend set may use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Scope {
+    /// Every node's endpoints (traffic policy Cluster).
+    Cluster,
+    /// This node's endpoints only (traffic policy Local).
+    Local,
+}
+
 /// Chooses the backends of one backend set from its candidates: sorted, one per
-/// address:port.
-///
-/// Today every ready endpoint is used, in a single cluster-wide scope. This is the one
-/// place to add: the fallback to serving+terminating endpoints when none is ready (S25,
-/// per scope S26), node-local scopes for traffic policies (S22/S24), and zone hints (S33).
-fn select_backends(candidates: &[Candidate<'_>], node: &NodeContext) -> Vec<Backend> {
-    let mut backends: Vec<Backend> = candidates
+/// address:port. Within the scope: ready endpoints; if none is ready, the serving and
+/// terminating ones (S25, applied per scope S26); never serving=false ones. In the cluster
+/// scope, topology hints narrow the set to this node's zone when every chosen endpoint has
+/// hints and some are for this zone (S33, as kube-proxy does).
+fn select_backends(
+    candidates: &[Candidate<'_>],
+    node: &NodeContext,
+    scope: Scope,
+    zone: Option<&str>,
+) -> Vec<Backend> {
+    let in_scope: Vec<&Candidate<'_>> = candidates
         .iter()
-        .filter(|candidate| is_ready(candidate.endpoint))
+        .filter(|c| {
+            scope == Scope::Cluster
+                || c.endpoint.node_name.as_deref() == Some(node.node_name.as_str())
+        })
+        .collect();
+    let mut chosen: Vec<&Candidate<'_>> = in_scope
+        .iter()
+        .copied()
+        .filter(|c| is_ready(c.endpoint))
+        .collect();
+    if chosen.is_empty() {
+        chosen = in_scope
+            .iter()
+            .copied()
+            .filter(|c| is_serving_and_terminating(c.endpoint))
+            .collect();
+    }
+    if let (Scope::Cluster, Some(zone)) = (scope, zone) {
+        let hinted_zones = |c: &Candidate<'_>| -> Option<Vec<String>> {
+            let zones: Vec<String> = c
+                .endpoint
+                .hints
+                .as_ref()?
+                .for_zones
+                .as_ref()?
+                .iter()
+                .map(|z| z.name.clone())
+                .collect();
+            (!zones.is_empty()).then_some(zones)
+        };
+        let all_hinted = !chosen.is_empty() && chosen.iter().all(|c| hinted_zones(c).is_some());
+        if all_hinted {
+            let for_zone: Vec<&Candidate<'_>> = chosen
+                .iter()
+                .copied()
+                .filter(|c| hinted_zones(c).is_some_and(|zones| zones.iter().any(|z| z == zone)))
+                .collect();
+            if !for_zone.is_empty() {
+                chosen = for_zone;
+            }
+        }
+    }
+    let mut backends: Vec<Backend> = chosen
+        .iter()
         .map(|candidate| {
             Backend::new(
                 candidate.addr,
@@ -232,6 +434,17 @@ fn select_backends(candidates: &[Candidate<'_>], node: &NodeContext) -> Vec<Back
     // The same address:port from two slices is one backend, whatever its flags say.
     backends.dedup_by(|later, earlier| later.addr == earlier.addr && later.port == earlier.port);
     backends
+}
+
+/// Serving and terminating: usable only when nothing in the scope is ready. A missing
+/// serving condition means the same as ready (API documentation).
+fn is_serving_and_terminating(endpoint: &Endpoint) -> bool {
+    let conditions = endpoint.conditions.as_ref();
+    let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
+    let serving = conditions
+        .and_then(|c| c.serving)
+        .unwrap_or_else(|| is_ready(endpoint));
+    terminating && serving
 }
 
 /// Whether the endpoint may receive new connections. A missing condition counts as
@@ -785,16 +998,7 @@ mod tests {
         ];
         let expected: BTreeMap<ServiceKey, Frontend> = expected
             .into_iter()
-            .map(|(key, kind, flags)| {
-                (
-                    key,
-                    Frontend {
-                        backend_set: set.clone(),
-                        kind,
-                        flags,
-                    },
-                )
-            })
+            .map(|(key, kind, flags)| (key, Frontend::new(set.clone(), kind, flags)))
             .collect();
         assert_eq!(state.frontends, expected);
         assert_eq!(backends_of(&state, &set), [backend("10.244.1.5", 8080)]);

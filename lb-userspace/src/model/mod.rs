@@ -22,7 +22,7 @@ pub struct ClusterState {
 }
 
 /// A CIDR block, e.g. 10.244.0.0/16.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Ipv4Cidr {
     pub addr: Ipv4Addr,
     pub prefix: u8,
@@ -73,6 +73,9 @@ pub struct NodeContext {
     pub cluster_cidr: Option<Ipv4Cidr>,
 }
 
+/// Label of a Node's zone, matched against EndpointSlice hints (S33).
+pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
+
 /// Stable name of a backend set: one service port, one protocol, one traffic scope,
 /// e.g. `default/web:http/TCP`. The writer maps names to numeric ids.
 pub type BackendSetName = String;
@@ -89,10 +92,41 @@ pub enum FrontendKind {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Frontend {
+    /// The backends for this frontend's traffic policy (node-local with `SVC_F_LOCAL`).
     pub backend_set: BackendSetName,
+    /// External frontends under externalTrafficPolicy Local: the cluster-wide set that
+    /// sources inside the cluster keep using (S22).
+    pub cluster_set: Option<BackendSetName>,
     pub kind: FrontendKind,
     /// `lb_common::SVC_F_*` bits.
     pub flags: u32,
+    /// sessionAffinity ClientIP timeout, seconds (with `SVC_F_AFFINITY`).
+    pub affinity_timeout: u32,
+    /// loadBalancerSourceRanges (with `SVC_F_SOURCE_RANGES`).
+    pub source_ranges: Vec<Ipv4Cidr>,
+}
+
+impl Frontend {
+    /// A frontend with no policy beyond its flags.
+    pub fn new(backend_set: impl Into<BackendSetName>, kind: FrontendKind, flags: u32) -> Self {
+        Self {
+            backend_set: backend_set.into(),
+            cluster_set: None,
+            kind,
+            flags,
+            affinity_timeout: 0,
+            source_ranges: Vec::new(),
+        }
+    }
+}
+
+/// A health-check node port (externalTrafficPolicy Local on a LoadBalancer service, S23).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheckPort {
+    /// `namespace/name`.
+    pub service: String,
+    /// Ready endpoints on this node (terminating ones do not count).
+    pub local_endpoints: usize,
 }
 
 /// What the datapath of this node should hold.
@@ -102,6 +136,8 @@ pub struct DesiredState {
     /// Backends of each set, in a deterministic order (sorted), without duplicates.
     /// An empty list means "the service exists but has no usable endpoint".
     pub backend_sets: BTreeMap<BackendSetName, Vec<Backend>>,
+    /// healthCheckNodePort -> what it reports.
+    pub health_checks: BTreeMap<u16, HealthCheckPort>,
 }
 
 /// A Kubernetes object that could not be used, and why. The rest of the state still applies.
