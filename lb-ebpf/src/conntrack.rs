@@ -5,11 +5,14 @@ use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
 };
 use lb_common::{
-    stat, Backend, DatapathConfig, FlowKey, FlowNat, ServiceValue, BACKEND_F_LOCAL,
+    stat, DatapathConfig, FlowKey, FlowNat, ServiceValue, BACKEND_F_LOCAL,
     FLOW_F_ORIGINAL, FLOW_F_REPLY, FLOW_F_SNAT, SVC_F_EXTERNAL,
 };
 
-use crate::{lookup::flow_hash, maps::CONNTRACK};
+use crate::{
+    lookup::{flow_hash, Choice},
+    maps::CONNTRACK,
+};
 
 /// Refresh `last_seen_ns` at most this often: a write per packet would bounce the entry's
 /// cache line between CPUs.
@@ -43,19 +46,16 @@ pub fn lookup(flow: &FlowKey) -> Option<FlowNat> {
 /// outside the cluster CIDR or came in through an external frontend (NodePort, external or
 /// LB IP), whose reply the backend's node would route straight to the client.
 #[inline(always)]
-fn needs_masquerade(
-    cfg: &DatapathConfig,
-    flow: &FlowKey,
-    service: &ServiceValue,
-    backend: &Backend,
-) -> bool {
+fn needs_masquerade(cfg: &DatapathConfig, flow: &FlowKey, service: &ServiceValue, choice: &Choice) -> bool {
+    let backend = &choice.backend;
     if cfg.snat_addr == 0 {
         return false;
     }
     if flow.saddr == backend.addr {
         return true;
     }
-    let local = backend.flags & BACKEND_F_LOCAL != 0;
+    // A node-local set (traffic policy Local) preserves the client's source by contract.
+    let local = choice.local || backend.flags & BACKEND_F_LOCAL != 0;
     !local && (service.flags & SVC_F_EXTERNAL != 0 || !in_cluster(cfg, flow.saddr))
 }
 
@@ -72,10 +72,11 @@ pub fn create(
     cfg: &DatapathConfig,
     flow: &FlowKey,
     service: &ServiceValue,
-    backend_set: u32,
-    backend: &Backend,
+    choice: &Choice,
 ) -> Result<FlowNat, u32> {
     let cfg = *cfg;
+    let backend = &choice.backend;
+    let backend_set = choice.set;
     let now = now();
     let mut original = FlowNat {
         saddr: flow.saddr,
@@ -105,7 +106,7 @@ pub fn create(
         proto: flow.proto,
         _pad: [0; 3],
     };
-    if needs_masquerade(&cfg, flow, service, backend) {
+    if needs_masquerade(&cfg, flow, service, choice) {
         original.flags |= FLOW_F_SNAT;
         reply.flags |= FLOW_F_SNAT;
         original.saddr = cfg.snat_addr;

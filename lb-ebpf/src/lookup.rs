@@ -55,7 +55,15 @@ fn scope(cfg: &DatapathConfig, service: &ServiceValue, flow: &FlowKey) -> (u32, 
     }
 }
 
-/// Picks the backend for a new flow; returns it with the set it came from. The same 5-tuple
+/// The backend chosen for a new flow, the set it came from, and whether that set is
+/// node-local (then the client's source is preserved: S22).
+pub struct Choice {
+    pub set: u32,
+    pub local: bool,
+    pub backend: Backend,
+}
+
+/// Picks the backend for a new flow. The same 5-tuple
 /// always hashes to the same slot, so a retransmitted first packet whose conntrack insert was
 /// lost still lands on one backend.
 #[inline(always)]
@@ -63,7 +71,7 @@ pub fn backend(
     cfg: &DatapathConfig,
     service: &ServiceValue,
     flow: &FlowKey,
-) -> Result<(u32, Backend), u32> {
+) -> Result<Choice, u32> {
     let (set_id, local) = scope(cfg, service, flow);
     // SAFETY: values are copied out of the map immediately.
     let set = BACKEND_SETS
@@ -99,7 +107,7 @@ pub fn backend(
             };
             if fresh && MEMBERS.get_ptr(member).is_some() {
                 remembered.last_ns = now;
-                return Ok((set_id, remembered.backend));
+                return Ok(Choice { set: set_id, local, backend: remembered.backend });
             }
         }
     }
@@ -120,7 +128,7 @@ pub fn backend(
             BPF_ANY as u64,
         );
     }
-    Ok((set_id, backend))
+    Ok(Choice { set: set_id, local, backend })
 }
 
 /// A 32-bit mix of the 5-tuple (murmur3 finaliser over a xor-fold).

@@ -49,7 +49,7 @@ pub fn process<C: Rewrite + Reject>(ctx: &C) -> Outcome {
     }
     let cfg = config();
     let nat = match lookup::backend(&cfg, &service, &packet.flow)
-        .and_then(|(set, backend)| conntrack::create(&cfg, &packet.flow, &service, set, &backend))
+        .and_then(|choice| conntrack::create(&cfg, &packet.flow, &service, &choice))
     {
         Ok(nat) => nat,
         // S10: a service without endpoints answers at once instead of timing out.

@@ -496,3 +496,188 @@ fn tc_dnat_and_reverse_nat_match_xdp() {
         assert_eq!(stats[name], value, "{name}");
     }
 }
+
+/// A second service: ClusterIP 10.96.0.20:80 with session affinity (timeout `affinity`
+/// seconds) over `backends`, a LoadBalancer IP 203.0.113.20:80 restricted to 172.18.0.0/24,
+/// and a NodePort 30090 under externalTrafficPolicy Local whose local set is `local`.
+fn policy_state(backends: &[Ipv4Addr], local: &[Ipv4Addr], affinity: u32) -> DesiredState {
+    use lb_common::{SVC_F_AFFINITY, SVC_F_LOCAL, SVC_F_SOURCE_RANGES};
+    let set = |ips: &[Ipv4Addr]| {
+        ips.iter()
+            .map(|ip| Backend::new(*ip, 8080, 0))
+            .collect::<Vec<_>>()
+    };
+    let mut desired = DesiredState::default();
+    desired
+        .backend_sets
+        .insert("default/p:80/TCP".into(), set(backends));
+    desired
+        .backend_sets
+        .insert("default/p:80/TCP/local".into(), set(local));
+    let mut sticky = Frontend::new("default/p:80/TCP", FrontendKind::ClusterIp, SVC_F_AFFINITY);
+    sticky.affinity_timeout = affinity;
+    desired
+        .frontends
+        .insert(ServiceKey::new(POLICY_VIP, 80, IPPROTO_TCP), sticky);
+    let mut lb = Frontend::new(
+        "default/p:80/TCP",
+        FrontendKind::LoadBalancer,
+        SVC_F_EXTERNAL | SVC_F_SOURCE_RANGES,
+    );
+    lb.source_ranges = vec!["172.18.0.0/24".parse().unwrap()];
+    desired
+        .frontends
+        .insert(ServiceKey::new(LB_IP, 80, IPPROTO_TCP), lb);
+    let mut local_only = Frontend::new(
+        "default/p:80/TCP/local",
+        FrontendKind::NodePort,
+        SVC_F_EXTERNAL | SVC_F_LOCAL,
+    );
+    local_only.cluster_set = Some("default/p:80/TCP".into());
+    desired
+        .frontends
+        .insert(ServiceKey::new(NODE_IP, 30090, IPPROTO_TCP), local_only);
+    desired
+}
+
+const POLICY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+const LB_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 20);
+
+impl Fixture {
+    fn apply(&mut self, desired: &DesiredState) {
+        self.writer.as_mut().unwrap().apply(desired).expect("apply");
+    }
+}
+
+#[test]
+fn xdp_session_affinity_keeps_a_client_on_one_backend_until_it_leaves() {
+    let Some(mut fx) =
+        Fixture::new("xdp_session_affinity_keeps_a_client_on_one_backend_until_it_leaves")
+    else {
+        return;
+    };
+    fx.apply(&policy_state(&BACKENDS, &[], 10_800));
+    let first = parse_checked(&fx.run_xdp(&tcp(CLIENT_POD, 30000, POLICY_VIP, 80, true)).1).dst;
+    // 15 new connections from the same client (S19): all to the same backend.
+    for port in 30001..30016 {
+        assert_eq!(
+            parse_checked(&fx.run_xdp(&tcp(CLIENT_POD, port, POLICY_VIP, 80, true)).1).dst,
+            first
+        );
+    }
+    // Another client is balanced on its own.
+    let others: BTreeSet<Ipv4Addr> = (0..40u8)
+        .map(|i| {
+            parse_checked(
+                &fx.run_xdp(&tcp(
+                    Ipv4Addr::new(10, 244, 3, i),
+                    30000,
+                    POLICY_VIP,
+                    80,
+                    true,
+                ))
+                .1,
+            )
+            .dst
+        })
+        .collect();
+    assert!(others.len() > 1, "affinity is per client: {others:?}");
+    // The remembered backend leaves: the client's next connection goes to a live one.
+    let remaining: Vec<Ipv4Addr> = BACKENDS.iter().copied().filter(|b| *b != first).collect();
+    fx.apply(&policy_state(&remaining, &[], 10_800));
+    let next = parse_checked(&fx.run_xdp(&tcp(CLIENT_POD, 30100, POLICY_VIP, 80, true)).1).dst;
+    assert!(remaining.contains(&next), "{next} is not live");
+    for port in 30101..30106 {
+        assert_eq!(
+            parse_checked(&fx.run_xdp(&tcp(CLIENT_POD, port, POLICY_VIP, 80, true)).1).dst,
+            next
+        );
+    }
+}
+
+/// The datapath's flow hash (lb-ebpf/src/lookup.rs), to predict the plain hash choice.
+fn flow_hash(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> u32 {
+    let (saddr, daddr) = (u32::from(src).to_be(), u32::from(dst).to_be());
+    let (sport, dport) = (u32::from(sport.to_be()), u32::from(dport.to_be()));
+    let mut h = saddr
+        ^ daddr.rotate_left(16)
+        ^ ((sport << 16) | dport)
+        ^ u32::from(IPPROTO_TCP).wrapping_mul(0x9e37_79b9);
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^= h >> 16;
+    h
+}
+
+#[test]
+fn xdp_session_affinity_expires_after_its_timeout() {
+    let Some(mut fx) = Fixture::new("xdp_session_affinity_expires_after_its_timeout") else {
+        return;
+    };
+    fx.apply(&policy_state(&BACKENDS, &[], 1));
+    let hash_choice =
+        |port: u16| BACKENDS[(flow_hash(CLIENT_POD, port, POLICY_VIP, 80) % 3) as usize];
+    let first = parse_checked(&fx.run_xdp(&tcp(CLIENT_POD, 31000, POLICY_VIP, 80, true)).1).dst;
+    assert_eq!(
+        first,
+        hash_choice(31000),
+        "the test's copy of the flow hash matches the datapath"
+    );
+    // A port whose plain hash picks another backend: within the timeout, affinity wins.
+    let other = (31001..32000).find(|p| hash_choice(*p) != first).unwrap();
+    assert_eq!(
+        parse_checked(&fx.run_xdp(&tcp(CLIENT_POD, other, POLICY_VIP, 80, true)).1).dst,
+        first
+    );
+    // After the timeout without new connections (S21), the hash decides again.
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    let later = (other + 1..33000)
+        .find(|p| hash_choice(*p) != first)
+        .unwrap();
+    assert_eq!(
+        parse_checked(&fx.run_xdp(&tcp(CLIENT_POD, later, POLICY_VIP, 80, true)).1).dst,
+        hash_choice(later)
+    );
+}
+
+#[test]
+fn xdp_load_balancer_source_ranges_admit_only_listed_sources() {
+    let Some(mut fx) = Fixture::new("xdp_load_balancer_source_ranges_admit_only_listed_sources")
+    else {
+        return;
+    };
+    fx.apply(&policy_state(&BACKENDS, &[], 0));
+    let (verdict, out) = fx.run_xdp(&tcp(EXTERNAL, 32000, LB_IP, 80, true));
+    assert_eq!(verdict, XDP_PASS);
+    assert!(BACKENDS.contains(&parse_checked(&out).dst));
+    let outsider = Ipv4Addr::new(198, 51, 100, 7);
+    let (verdict, _) = fx.run_xdp(&tcp(outsider, 32001, LB_IP, 80, true));
+    assert_eq!(verdict, XDP_DROP);
+    assert_eq!(fx.stat(stat::DROP_SOURCE_RANGE), 1);
+}
+
+#[test]
+fn xdp_external_traffic_policy_local_drops_without_local_endpoint_but_pods_reach_all() {
+    let Some(mut fx) = Fixture::new(
+        "xdp_external_traffic_policy_local_drops_without_local_endpoint_but_pods_reach_all",
+    ) else {
+        return;
+    };
+    fx.apply(&policy_state(&BACKENDS, &[], 0));
+    // External client, no local endpoint: dropped (not rejected), counted (S22).
+    let (verdict, _) = fx.run_xdp(&tcp(EXTERNAL, 33000, NODE_IP, 30090, true));
+    assert_eq!(verdict, XDP_DROP);
+    assert_eq!(fx.stat(stat::DROP_NO_LOCAL_BACKEND), 1);
+    // A pod (inside the cluster CIDR) uses the cluster-wide set.
+    let (verdict, out) = fx.run_xdp(&tcp(CLIENT_POD, 33001, NODE_IP, 30090, true));
+    assert_eq!(verdict, XDP_PASS);
+    assert!(BACKENDS.contains(&parse_checked(&out).dst));
+    // With a local endpoint, external clients reach only it, with their source preserved.
+    fx.apply(&policy_state(&BACKENDS, &[BACKENDS[0]], 0));
+    for port in 33100..33110 {
+        let t = parse_checked(&fx.run_xdp(&tcp(EXTERNAL, port, NODE_IP, 30090, true)).1);
+        assert_eq!((t.src, t.dst), (EXTERNAL, BACKENDS[0]));
+    }
+}
