@@ -3,7 +3,7 @@
 use std::{
     collections::BTreeSet,
     ffi::CStr,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
@@ -16,14 +16,24 @@ use tracing::{error, info, warn};
 
 use crate::{
     datapath::{Datapath, MapWriter, UplinkMode},
+    http::{self, HealthCheck, HealthState},
     model::{desired_state, ClusterState, Ipv4Cidr, NodeContext},
-    source::manifests,
+    source::{kubernetes, manifests},
 };
 
 /// Everything `xlb run` needs, already validated by the CLI.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
-    pub manifests: PathBuf,
+    /// Standalone mode; `None`: the Kubernetes API.
+    pub manifests: Option<PathBuf>,
+    /// Kubernetes API configuration (default: in-cluster, KUBECONFIG, ~/.kube/config).
+    pub kubeconfig: Option<PathBuf>,
+    /// `/metrics`, `/healthz`, `/readyz`; `None`: off.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Node health (`/healthz`, kube-proxy's :10256); `None`: off.
+    pub healthz_addr: Option<SocketAddr>,
+    /// Address the health-check node ports listen on.
+    pub health_check_ip: IpAddr,
     pub node_name: String,
     pub interfaces: Vec<String>,
     pub pod_interfaces: Vec<String>,
@@ -98,12 +108,25 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let mut pods = PodInterfaces::new(cfg.pod_interfaces.clone());
     pods.sync(&mut datapath);
 
+    let health = Arc::new(HealthState::new());
+    serve_http(&cfg, &health);
+
     let (tx, mut rx) = watch::channel(Arc::new(ClusterState::default()));
-    let source = tokio::spawn(manifests::watch(
-        cfg.manifests.clone(),
-        Duration::from_millis(250),
-        tx,
-    ));
+    let source = match &cfg.manifests {
+        Some(dir) => {
+            info!(dir = %dir.display(), "standalone mode: watching manifests");
+            tokio::spawn(manifests::watch(
+                dir.clone(),
+                Duration::from_millis(250),
+                tx,
+            ))
+        }
+        None => {
+            let client = kubernetes::client(cfg.kubeconfig.as_deref()).await?;
+            info!("watching Services, EndpointSlices and Nodes through the Kubernetes API");
+            tokio::spawn(kubernetes::watch(client, tx))
+        }
+    };
 
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut rescan = tokio::time::interval(Duration::from_secs(1));
@@ -121,8 +144,9 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                     }
                 }
                 let state = rx.borrow_and_update().clone();
-                if apply(&state, &node, &mut writer, &mut reported) && !ready {
+                if apply(&state, &node, &mut writer, &mut reported, &health) && !ready {
                     ready = true;
+                    health.set_ready(true);
                     if let Some(path) = &cfg.ready_file {
                         std::fs::write(path, b"ready\n").with_context(|| format!("writing {}", path.display()))?;
                     }
@@ -150,6 +174,7 @@ fn apply(
     node: &NodeContext,
     writer: &mut MapWriter,
     reported: &mut BTreeSet<String>,
+    health: &HealthState,
 ) -> bool {
     let started = Instant::now();
     let (desired, problems) = desired_state(state, node);
@@ -163,8 +188,31 @@ fn apply(
             );
         }
     }
-    match writer.apply(&desired) {
+    health.set_health_check_ports(
+        desired
+            .health_checks
+            .iter()
+            .map(|(port, hc)| {
+                (
+                    *port,
+                    HealthCheck {
+                        service: hc.service.clone(),
+                        local_endpoints: hc.local_endpoints,
+                    },
+                )
+            })
+            .collect(),
+    );
+    let result = writer.apply(&desired);
+    health.record_apply(
+        result.is_ok(),
+        started.elapsed(),
+        result.as_ref().map_or(0, |s| s.map_ops),
+    );
+    match result {
         Ok(stats) => {
+            health.set_services(desired.frontends.len(), desired.backend_sets.len());
+            health.set_last_sync(std::time::SystemTime::now());
             if stats.changed() {
                 info!(
                     frontends = desired.frontends.len(),
@@ -184,6 +232,33 @@ fn apply(
             false
         }
     }
+}
+
+/// Starts the HTTP endpoints. A port that cannot be bound is logged, not fatal: the
+/// datapath matters more than its metrics.
+fn serve_http(cfg: &AgentConfig, health: &Arc<HealthState>) {
+    if let Some(addr) = cfg.metrics_addr {
+        let (health, pin) = (health.clone(), cfg.pin_path.clone());
+        tokio::spawn(async move {
+            if let Err(e) = http::serve_metrics(addr, health, pin).await {
+                warn!(%addr, error = format!("{e:#}"), "metrics endpoint stopped");
+            }
+        });
+    }
+    if let Some(addr) = cfg.healthz_addr {
+        let health = health.clone();
+        tokio::spawn(async move {
+            if let Err(e) = http::serve_node_health(addr, health).await {
+                warn!(%addr, error = format!("{e:#}"), "node health endpoint stopped");
+            }
+        });
+    }
+    let (health, ip) = (health.clone(), cfg.health_check_ip);
+    tokio::spawn(async move {
+        if let Err(e) = http::serve_health_check_ports(ip, health).await {
+            warn!(error = format!("{e:#}"), "health-check node ports stopped");
+        }
+    });
 }
 
 fn set_sysctl(iface: &str, key: &str, value: &str) {

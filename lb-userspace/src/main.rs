@@ -41,8 +41,21 @@ enum Command {
 #[derive(clap::Args)]
 struct RunArgs {
     /// Standalone mode: a directory of Service and EndpointSlice manifests (YAML or JSON).
+    /// Without it, xlb watches the Kubernetes API.
     #[arg(long)]
-    manifests: PathBuf,
+    manifests: Option<PathBuf>,
+    /// kubeconfig for the API (default: in-cluster config, KUBECONFIG, ~/.kube/config).
+    #[arg(long, conflicts_with = "manifests")]
+    kubeconfig: Option<PathBuf>,
+    /// /metrics, /healthz and /readyz ("off" to disable).
+    #[arg(long, default_value = "0.0.0.0:10249", value_parser = parse_listen)]
+    metrics_addr: Listen,
+    /// Node health for load balancers, like kube-proxy's ("off" to disable).
+    #[arg(long, default_value = "0.0.0.0:10256", value_parser = parse_listen)]
+    healthz_addr: Listen,
+    /// Address the health-check node ports of externalTrafficPolicy Local services listen on.
+    #[arg(long, default_value = "0.0.0.0")]
+    health_check_ip: std::net::IpAddr,
     /// This node's name (matches EndpointSlice endpoints' nodeName).
     #[arg(long, env = "NODE_NAME")]
     node_name: String,
@@ -106,6 +119,10 @@ fn main() -> Result<()> {
         Command::Run(args) => {
             let config = AgentConfig {
                 manifests: args.manifests,
+                kubeconfig: args.kubeconfig,
+                metrics_addr: args.metrics_addr.0,
+                healthz_addr: args.healthz_addr.0,
+                health_check_ip: args.health_check_ip,
                 node_name: args.node_name,
                 interfaces: args.interfaces,
                 pod_interfaces: args.pod_interfaces,
@@ -184,6 +201,19 @@ fn main() -> Result<()> {
         }
         Command::Demo(a) => demo::run(&a),
     }
+}
+
+/// A listen address, or "off".
+#[derive(Clone, Copy, Debug)]
+struct Listen(Option<std::net::SocketAddr>);
+
+fn parse_listen(s: &str) -> Result<Listen, String> {
+    if s == "off" {
+        return Ok(Listen(None));
+    }
+    s.parse()
+        .map(|a| Listen(Some(a)))
+        .map_err(|e| format!("{s:?}: {e} (ADDRESS:PORT or off)"))
 }
 
 fn print<T: serde::Serialize>(

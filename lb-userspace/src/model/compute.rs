@@ -1470,4 +1470,257 @@ mod tests {
             }
         }
     }
+
+    // --- Traffic policies, endpoint conditions, affinity, source ranges, topology ---
+
+    /// `default/web` (LoadBalancer, 10.96.0.10:80 -> 8080, nodePort 30080, LB 203.0.113.20,
+    /// healthCheckNodePort 32000) with `spec` merged in.
+    fn lb_service(extra_spec: Value) -> Service {
+        let mut value = json!({
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {
+                "type": "LoadBalancer", "clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"],
+                "healthCheckNodePort": 32000,
+                "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP", "nodePort": 30080}],
+            },
+            "status": {"loadBalancer": {"ingress": [{"ip": "203.0.113.20"}]}},
+        });
+        for (k, v) in extra_spec.as_object().unwrap() {
+            value["spec"][k] = v.clone();
+        }
+        service(value)
+    }
+
+    fn slice_with(endpoints: Value) -> EndpointSlice {
+        endpoint_slice(
+            "web-1",
+            "web",
+            json!([{"name": "http", "port": 8080, "protocol": "TCP"}]),
+            endpoints,
+        )
+    }
+
+    fn two_nodes_ready() -> EndpointSlice {
+        slice_with(json!([
+            ready_endpoint("10.244.1.2", "node-a"),
+            ready_endpoint("10.244.2.2", "node-b")
+        ]))
+    }
+
+    #[test]
+    fn s22_external_traffic_policy_local_uses_local_endpoints_and_keeps_the_cluster_set_for_pods() {
+        let (state, problems) = compute(
+            vec![lb_service(json!({"externalTrafficPolicy": "Local"}))],
+            vec![two_nodes_ready()],
+        );
+        assert!(problems.is_empty(), "{problems:?}");
+        let node_port = &state.frontends[&key("192.168.1.10", 30080, IPPROTO_TCP)];
+        assert_eq!(node_port.backend_set, "default/web:http/TCP/local");
+        assert_eq!(
+            node_port.cluster_set.as_deref(),
+            Some("default/web:http/TCP")
+        );
+        assert_ne!(node_port.flags & SVC_F_LOCAL, 0);
+        assert_eq!(backends_of(&state, "default/web:http/TCP/local").len(), 1);
+        assert_eq!(backends_of(&state, "default/web:http/TCP").len(), 2);
+        // The ClusterIP is not affected by the external policy.
+        let cluster_ip = &state.frontends[&key("10.96.0.10", 80, IPPROTO_TCP)];
+        assert_eq!(
+            (
+                cluster_ip.backend_set.as_str(),
+                cluster_ip.flags & SVC_F_LOCAL
+            ),
+            ("default/web:http/TCP", 0)
+        );
+    }
+
+    #[test]
+    fn s24_internal_traffic_policy_local_sends_cluster_ip_traffic_to_local_endpoints_only() {
+        let (state, _) = compute(
+            vec![lb_service(json!({"internalTrafficPolicy": "Local"}))],
+            vec![two_nodes_ready()],
+        );
+        let cluster_ip = &state.frontends[&key("10.96.0.10", 80, IPPROTO_TCP)];
+        assert_eq!(cluster_ip.backend_set, "default/web:http/TCP/local");
+        assert_eq!(cluster_ip.cluster_set, None);
+        assert_ne!(cluster_ip.flags & SVC_F_LOCAL, 0);
+        let node_port = &state.frontends[&key("192.168.1.10", 30080, IPPROTO_TCP)];
+        assert_eq!(node_port.backend_set, "default/web:http/TCP");
+    }
+
+    #[test]
+    fn s25_serving_terminating_endpoints_are_used_only_when_none_is_ready_and_never_unserving_ones()
+    {
+        let terminating = |ip: &str, serving: bool| {
+            json!({"addresses": [ip], "nodeName": "node-b",
+                   "conditions": {"ready": false, "serving": serving, "terminating": true}})
+        };
+        let (state, _) = compute(
+            vec![lb_service(json!({}))],
+            vec![slice_with(json!([
+                terminating("10.244.2.3", true),
+                terminating("10.244.2.4", false)
+            ]))],
+        );
+        assert_eq!(
+            backends_of(&state, "default/web:http/TCP"),
+            [backend("10.244.2.3", 8080)]
+        );
+        let (state, _) = compute(
+            vec![lb_service(json!({}))],
+            vec![slice_with(json!([
+                terminating("10.244.2.3", true),
+                ready_endpoint("10.244.2.5", "node-b")
+            ]))],
+        );
+        assert_eq!(
+            backends_of(&state, "default/web:http/TCP"),
+            [backend("10.244.2.5", 8080)]
+        );
+    }
+
+    #[test]
+    fn s26_terminating_fallback_applies_per_scope() {
+        // The only local endpoint is terminating; a remote one is ready. The local scope
+        // falls back to the local terminating endpoint, the cluster scope uses the ready one.
+        let endpoints = json!([
+            {"addresses": ["10.244.1.9"], "nodeName": "node-a",
+             "conditions": {"ready": false, "serving": true, "terminating": true}},
+            ready_endpoint("10.244.2.2", "node-b"),
+        ]);
+        let (state, _) = compute(
+            vec![lb_service(json!({"externalTrafficPolicy": "Local"}))],
+            vec![slice_with(endpoints)],
+        );
+        let local: Vec<Ipv4Addr> = backends_of(&state, "default/web:http/TCP/local")
+            .iter()
+            .map(|b| b.ip())
+            .collect();
+        assert_eq!(local, [Ipv4Addr::new(10, 244, 1, 9)]);
+        assert_eq!(
+            backends_of(&state, "default/web:http/TCP"),
+            [backend("10.244.2.2", 8080)]
+        );
+    }
+
+    #[test]
+    fn s23_health_check_port_counts_ready_local_endpoints_only() {
+        let endpoints = json!([
+            ready_endpoint("10.244.1.2", "node-a"),
+            {"addresses": ["10.244.1.3"], "nodeName": "node-a",
+             "conditions": {"ready": false, "serving": true, "terminating": true}},
+            ready_endpoint("10.244.2.2", "node-b"),
+        ]);
+        let (state, _) = compute(
+            vec![lb_service(json!({"externalTrafficPolicy": "Local"}))],
+            vec![slice_with(endpoints)],
+        );
+        assert_eq!(
+            state.health_checks.get(&32000),
+            Some(&HealthCheckPort {
+                service: "default/web".into(),
+                local_endpoints: 1
+            })
+        );
+        let (state, _) = compute(vec![lb_service(json!({}))], vec![two_nodes_ready()]);
+        assert!(
+            state.health_checks.is_empty(),
+            "only externalTrafficPolicy Local has a health check"
+        );
+    }
+
+    #[test]
+    fn s19_s21_session_affinity_sets_the_flag_and_timeout() {
+        let (state, _) = compute(
+            vec![lb_service(json!({"sessionAffinity": "ClientIP"}))],
+            vec![two_nodes_ready()],
+        );
+        for frontend in state.frontends.values() {
+            assert_ne!(frontend.flags & SVC_F_AFFINITY, 0);
+            assert_eq!(frontend.affinity_timeout, 10_800);
+        }
+        let (state, _) = compute(
+            vec![lb_service(json!({"sessionAffinity": "ClientIP",
+                                   "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 60}}}))],
+            vec![two_nodes_ready()],
+        );
+        assert!(state.frontends.values().all(|f| f.affinity_timeout == 60));
+        let (state, _) = compute(
+            vec![lb_service(json!({"sessionAffinity": "None"}))],
+            vec![two_nodes_ready()],
+        );
+        assert!(state
+            .frontends
+            .values()
+            .all(|f| f.flags & SVC_F_AFFINITY == 0));
+    }
+
+    #[test]
+    fn s14_source_ranges_filter_only_the_load_balancer_ip_and_tolerate_whitespace() {
+        let (state, problems) = compute(
+            vec![lb_service(
+                json!({"loadBalancerSourceRanges": [" 172.18.0.0/24 ", "10.0.0.0/8", "bogus"]}),
+            )],
+            vec![two_nodes_ready()],
+        );
+        assert_eq!(
+            problems.len(),
+            1,
+            "the bogus range is reported: {problems:?}"
+        );
+        let lb = &state.frontends[&key("203.0.113.20", 80, IPPROTO_TCP)];
+        assert_ne!(lb.flags & SVC_F_SOURCE_RANGES, 0);
+        assert_eq!(
+            lb.source_ranges,
+            vec![
+                "172.18.0.0/24".parse().unwrap(),
+                "10.0.0.0/8".parse().unwrap()
+            ]
+        );
+        let node_port = &state.frontends[&key("192.168.1.10", 30080, IPPROTO_TCP)];
+        assert_eq!(node_port.flags & SVC_F_SOURCE_RANGES, 0);
+        assert!(node_port.source_ranges.is_empty());
+    }
+
+    #[test]
+    fn s33_zone_hints_prefer_endpoints_of_this_nodes_zone() {
+        let hinted = |ip: &str, node: &str, zone: &str| {
+            json!({"addresses": [ip], "nodeName": node, "conditions": {"ready": true},
+                   "hints": {"forZones": [{"name": zone}]}})
+        };
+        let endpoints = json!([
+            hinted("10.244.1.2", "node-a", "zone-1"),
+            hinted("10.244.2.2", "node-b", "zone-2")
+        ]);
+        let nodes = vec![serde_json::from_value(json!({
+            "metadata": {"name": "node-a", "labels": {"topology.kubernetes.io/zone": "zone-1"}}
+        }))
+        .unwrap()];
+        let cluster = ClusterState {
+            services: vec![lb_service(json!({}))],
+            endpoint_slices: vec![slice_with(endpoints.clone())],
+            nodes,
+        };
+        let (state, _) = desired_state(&cluster, &node());
+        let chosen: Vec<Ipv4Addr> = backends_of(&state, "default/web:http/TCP")
+            .iter()
+            .map(|b| b.ip())
+            .collect();
+        assert_eq!(chosen, [Ipv4Addr::new(10, 244, 1, 2)]);
+        // Without a zone label on the node, hints are ignored.
+        let (state, _) = compute(vec![lb_service(json!({}))], vec![slice_with(endpoints)]);
+        assert_eq!(backends_of(&state, "default/web:http/TCP").len(), 2);
+        // If any endpoint lacks hints, hints are ignored (as kube-proxy does).
+        let mixed = json!([
+            hinted("10.244.1.2", "node-a", "zone-1"),
+            ready_endpoint("10.244.2.2", "node-b")
+        ]);
+        let cluster = ClusterState {
+            services: vec![lb_service(json!({}))],
+            endpoint_slices: vec![slice_with(mixed)],
+            nodes: cluster.nodes,
+        };
+        let (state, _) = desired_state(&cluster, &node());
+        assert_eq!(backends_of(&state, "default/web:http/TCP").len(), 2);
+    }
 }
