@@ -5,8 +5,8 @@ use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
 };
 use lb_common::{
-    stat, DatapathConfig, FlowKey, FlowNat, ServiceValue, BACKEND_F_LOCAL,
-    FLOW_F_ORIGINAL, FLOW_F_REPLY, FLOW_F_SNAT, SVC_F_EXTERNAL,
+    stat, DatapathConfig, FlowKey, FlowNat, ServiceValue, BACKEND_F_LOCAL, FLOW_F_ORIGINAL,
+    FLOW_F_REPLY, FLOW_F_SNAT, SVC_F_EXTERNAL,
 };
 
 use crate::{
@@ -46,7 +46,12 @@ pub fn lookup(flow: &FlowKey) -> Option<FlowNat> {
 /// outside the cluster CIDR or came in through an external frontend (NodePort, external or
 /// LB IP), whose reply the backend's node would route straight to the client.
 #[inline(always)]
-fn needs_masquerade(cfg: &DatapathConfig, flow: &FlowKey, service: &ServiceValue, choice: &Choice) -> bool {
+fn needs_masquerade(
+    cfg: &DatapathConfig,
+    flow: &FlowKey,
+    service: &ServiceValue,
+    choice: &Choice,
+) -> bool {
     let backend = &choice.backend;
     if cfg.snat_addr == 0 {
         return false;

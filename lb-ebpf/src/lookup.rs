@@ -107,7 +107,11 @@ pub fn backend(
             };
             if fresh && MEMBERS.get_ptr(member).is_some() {
                 remembered.last_ns = now;
-                return Ok(Choice { set: set_id, local, backend: remembered.backend });
+                return Ok(Choice {
+                    set: set_id,
+                    local,
+                    backend: remembered.backend,
+                });
             }
         }
     }
@@ -128,7 +132,11 @@ pub fn backend(
             BPF_ANY as u64,
         );
     }
-    Ok(Choice { set: set_id, local, backend })
+    Ok(Choice {
+        set: set_id,
+        local,
+        backend,
+    })
 }
 
 /// A 32-bit mix of the 5-tuple (murmur3 finaliser over a xor-fold).

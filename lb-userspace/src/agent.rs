@@ -159,7 +159,9 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         }
     }
     info!(
-        "stopping: programs detach, maps stay pinned at {}",
+        "stopping: the programs stay attached and the maps pinned at {} (the next agent takes \
+         over without a gap; `xlb cleanup --pin-path {}` removes them)",
+        cfg.pin_path.display(),
         cfg.pin_path.display()
     );
     if let Some(path) = &cfg.ready_file {

@@ -27,7 +27,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Load and attach the datapath and keep it in sync with the cluster.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the frontends and backends the datapath holds (from the pinned maps).
     Services(ReadArgs),
     /// Print the connection-tracking table (from the pinned maps).
@@ -36,6 +36,9 @@ enum Command {
     Stats(ReadArgs),
     /// Build a network-namespace cluster, run xlb on it, show traffic spreading, tear down.
     Demo(DemoArgs),
+    /// Detach the programs and remove every pinned map and link under --pin-path
+    /// (a stopped agent otherwise leaves the datapath running, by design).
+    Cleanup(CleanupArgs),
 }
 
 #[derive(clap::Args)]
@@ -85,6 +88,12 @@ struct RunArgs {
     /// Written once the datapath is attached and the first state is programmed.
     #[arg(long)]
     ready_file: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct CleanupArgs {
+    #[arg(long, default_value = datapath::DEFAULT_PIN_PATH)]
+    pin_path: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -200,6 +209,14 @@ fn main() -> Result<()> {
             })
         }
         Command::Demo(a) => demo::run(&a),
+        Command::Cleanup(a) => {
+            datapath::cleanup(&a.pin_path)?;
+            eprintln!(
+                "xlb: removed {} (programs detached, maps unpinned)",
+                a.pin_path.display()
+            );
+            Ok(())
+        }
     }
 }
 

@@ -478,3 +478,94 @@ fn external_ip_and_load_balancer_ip_work_from_outside_and_from_pods() {
         assert_eq!(seen, all(), "pod-a -> {ip}\n{}", c.logs());
     }
 }
+
+#[test]
+fn s32_agents_killed_and_restarted_three_times_break_no_connection() {
+    let Some(mut c) =
+        Cluster::start("s32_agents_killed_and_restarted_three_times_break_no_connection")
+    else {
+        return;
+    };
+    let client = c.netns("pod-c");
+    let mut established =
+        c.tb.open_persistent_http(&client, VIP, 80)
+            .expect("connect");
+    let kept = established
+        .request()
+        .expect("first request")
+        .trim()
+        .to_string();
+
+    // New connections through the VIP, back to back, for the whole test, from another pod.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let looper = {
+        let (stop, ns) = (stop.clone(), c.netns("pod-b"));
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let out = std::process::Command::new("nsenter")
+                    .args([
+                        &format!("--net=/run/netns/{ns}"),
+                        "curl",
+                        "-sS",
+                        "--max-time",
+                        "2",
+                        "http://10.96.0.10/",
+                    ])
+                    .output()
+                    .expect("run curl");
+                if out.status.success() && !out.stdout.is_empty() {
+                    ok += 1;
+                } else {
+                    failed.push(String::from_utf8_lossy(&out.stderr).into_owned());
+                }
+            }
+            (ok, failed)
+        })
+    };
+
+    for cycle in 1..=3 {
+        for node in ["node1", "node2"] {
+            let pid = c.tb.agent_pid(node).expect("agent running");
+            // SIGKILL: no clean-up code runs, as in a crash or an OOM kill.
+            // SAFETY: plain syscall on a pid this test's testbed started.
+            assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+            let _ = c.tb.stop_agent(node); // reaps it
+        }
+        // No agent anywhere: the datapath keeps serving from the pinned maps and links.
+        assert_eq!(
+            established
+                .request()
+                .expect("request while agents are down")
+                .trim(),
+            kept,
+            "cycle {cycle}"
+        );
+        for node in ["node1", "node2"] {
+            c.tb.start_agent(xlb_bin(), node, &c.manifests, &[])
+                .unwrap_or_else(|e| panic!("restart {cycle} on {node}: {e:#}"));
+        }
+        assert_eq!(
+            established.request().expect("request after restart").trim(),
+            kept,
+            "cycle {cycle}"
+        );
+        assert!(
+            c.tb.agent_log("node1").contains("no gap"),
+            "the restarted agent took over the pinned links"
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = looper.join().unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} of {} new connections failed across restarts: {:?}",
+        failed.len(),
+        ok as usize + failed.len(),
+        failed
+    );
+    assert!(ok >= 10, "the request loop ran ({ok} requests)");
+    // Everything still balances after the restarts.
+    let seen = answers(120, &ALL_PODS, || c.tb.http_get(&client, VIP, 80));
+    assert_eq!(seen, all(), "{}", c.logs());
+}

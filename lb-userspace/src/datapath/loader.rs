@@ -7,7 +7,10 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use aya::{
-    programs::{tc, SchedClassifier, TcAttachType, Xdp, XdpMode},
+    programs::{
+        links::{FdLink, LinkError, PinnedLink},
+        tc, SchedClassifier, TcAttachType, Xdp, XdpMode,
+    },
     Ebpf, EbpfLoader,
 };
 use lb_common::map_name;
@@ -16,6 +19,8 @@ use tracing::{info, warn};
 use super::{writer::MapWriter, UplinkMode, EBPF_OBJECT};
 
 pub const PROG_XDP: &str = "xlb_xdp";
+const HOOK_XDP: &str = "xdp";
+const HOOK_TC: &str = "tc";
 pub const PROG_TC: &str = "xlb_tc";
 /// Parse-only XDP program: the floor the benchmark compares the datapath with.
 pub const PROG_FLOOR: &str = "xlb_floor";
@@ -89,52 +94,133 @@ impl Datapath {
 
     /// Attaches to an uplink: XDP (driver mode, generic if the driver lacks XDP) or TC.
     pub fn attach_uplink(&mut self, iface: &str, mode: UplinkMode) -> Result<()> {
+        // An uplink runs one hook: switching modes between restarts removes the other one.
+        let other = match mode {
+            UplinkMode::Tc => "xdp",
+            UplinkMode::Xdp => "tc",
+        };
+        self.remove_link_pins(other, iface, None);
         match mode {
             UplinkMode::Tc => self.attach_tc(iface),
             UplinkMode::Xdp => {
+                let pin = self.link_pin(HOOK_XDP, iface)?;
                 let prog: &mut Xdp = self
                     .ebpf
                     .program_mut(PROG_XDP)
                     .context("no XDP program")?
                     .try_into()?;
-                match prog.attach(iface, XdpMode::Driver) {
-                    Ok(_) => {
+                if let Some(old) = open_pinned_link(&pin) {
+                    let link = FdLink::from(old).try_into().context("pinned XDP link")?;
+                    prog.attach_to_link(link)
+                        .with_context(|| format!("replacing the XDP program on {iface}"))?;
+                    info!(
+                        interface = iface,
+                        "replaced the program of the pinned XDP link (no gap)"
+                    );
+                    self.attached.insert(iface.to_string(), "xdp");
+                    return Ok(());
+                }
+                let id = match prog.attach(iface, XdpMode::Driver) {
+                    Ok(id) => {
                         info!(interface = iface, "attached XDP (driver mode)");
                         self.attached.insert(iface.to_string(), "xdp");
+                        id
                     }
                     Err(e) => {
                         warn!(interface = iface, error = %e, "driver-mode XDP failed; using generic XDP");
-                        prog.attach(iface, XdpMode::Skb)
+                        let id = prog
+                            .attach(iface, XdpMode::Skb)
                             .with_context(|| format!("attaching XDP to {iface}"))?;
                         self.attached.insert(iface.to_string(), "xdp-generic");
+                        id
                     }
-                }
+                };
+                let link = prog.take_link(id)?;
+                pin_link(FdLink::try_from(link), &pin, iface);
                 Ok(())
             }
         }
     }
 
-    /// Attaches the TC program at ingress (tcx on kernels >= 6.6, clsact before).
+    /// Attaches the TC program at ingress (tcx on kernels >= 6.6, clsact before). A link
+    /// pinned by an earlier agent for this interface gets the new program instead.
     pub fn attach_tc(&mut self, iface: &str) -> Result<()> {
-        // Needed only for the netlink path; an existing clsact qdisc is fine.
-        if let Err(e) = tc::qdisc_add_clsact(iface) {
-            tracing::debug!(interface = iface, error = %e, "clsact not added (exists, or tcx in use)");
-        }
+        let pin = self.link_pin(HOOK_TC, iface)?;
         let prog: &mut SchedClassifier = self
             .ebpf
             .program_mut(PROG_TC)
             .context("no TC program")?
             .try_into()?;
-        prog.attach(iface, TcAttachType::Ingress)
+        if let Some(old) = open_pinned_link(&pin) {
+            let link = FdLink::from(old).try_into().context("pinned TC link")?;
+            prog.attach_to_link(link)
+                .with_context(|| format!("replacing the TC program on {iface}"))?;
+            info!(
+                interface = iface,
+                "replaced the program of the pinned TC link (no gap)"
+            );
+            self.attached.insert(iface.to_string(), "tc");
+            return Ok(());
+        }
+        // Needed only for the netlink path; an existing clsact qdisc is fine.
+        if let Err(e) = tc::qdisc_add_clsact(iface) {
+            tracing::debug!(interface = iface, error = %e, "clsact not added (exists, or tcx in use)");
+        }
+        let id = prog
+            .attach(iface, TcAttachType::Ingress)
             .with_context(|| format!("attaching TC to {iface}"))?;
         info!(interface = iface, "attached TC ingress");
         self.attached.insert(iface.to_string(), "tc");
+        let link = prog.take_link(id)?;
+        pin_link(FdLink::try_from(link), &pin, iface);
         Ok(())
     }
 
-    /// Forgets an interface that disappeared (its attachment went with it).
+    /// Where the link of `hook` on `iface` is pinned: `<pin>/links/<hook>-<iface>-<ifindex>`.
+    /// The ifindex tells a recreated interface (same name, new index) from the one a pinned
+    /// link was made for; pins for other indexes of this name are stale and removed.
+    fn link_pin(&self, hook: &str, iface: &str) -> Result<PathBuf> {
+        let c_name = std::ffi::CString::new(iface).context("interface name")?;
+        // SAFETY: valid NUL-terminated string.
+        let ifindex = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
+        if ifindex == 0 {
+            bail!("no interface {iface}");
+        }
+        self.remove_link_pins(hook, iface, Some(ifindex));
+        let dir = self.pin_path.join("links");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(dir.join(format!("{hook}-{iface}-{ifindex}")))
+    }
+
+    /// Unpins (and so detaches) links of `hook` on `iface`, except the one for `keep`.
+    fn remove_link_pins(&self, hook: &str, iface: &str, keep: Option<u32>) {
+        let prefix = format!("{hook}-{iface}-");
+        let Ok(entries) = std::fs::read_dir(self.pin_path.join("links")) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(index) = name.strip_prefix(&prefix) else {
+                continue;
+            };
+            if keep.is_some_and(|k| index == k.to_string()) {
+                continue;
+            }
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => info!(link = name.as_str(), "removed a stale pinned link"),
+                Err(e) => {
+                    warn!(link = name.as_str(), error = %e, "could not remove a stale pinned link")
+                }
+            }
+        }
+    }
+
+    /// Forgets an interface that disappeared (its attachment went with it) and its pins.
     pub fn forget(&mut self, iface: &str) {
         self.attached.remove(iface);
+        for hook in [HOOK_XDP, HOOK_TC] {
+            self.remove_link_pins(hook, iface, None);
+        }
     }
 
     /// The loaded programs, for BPF_PROG_TEST_RUN in tests and benchmarks.
@@ -158,6 +244,39 @@ impl Datapath {
             .program(PROG_TC)
             .context("no TC program")?
             .try_into()?)
+    }
+}
+
+/// A link pinned earlier, if there is one.
+fn open_pinned_link(path: &Path) -> Option<PinnedLink> {
+    if !path.exists() {
+        return None;
+    }
+    match PinnedLink::from_pin(path) {
+        Ok(link) => Some(link),
+        Err(e) => {
+            warn!(path = %path.display(), error = %e, "unusable pinned link; attaching afresh");
+            let _ = std::fs::remove_file(path);
+            None
+        }
+    }
+}
+
+/// Pins a new link so the program stays attached when the agent stops or crashes, and the
+/// next agent can swap its program in. Netlink-attached programs (kernels without bpf_link
+/// for this hook) cannot be pinned: they detach with the agent, and that is logged.
+fn pin_link(link: Result<FdLink, LinkError>, path: &Path, iface: &str) {
+    match link {
+        Ok(fd_link) => match fd_link.pin(path) {
+            // Dropping the PinnedLink closes our fd; the pin keeps the link alive.
+            Ok(_) => {}
+            Err(e) => {
+                warn!(interface = iface, error = %e, "could not pin the link: it detaches when xlb exits")
+            }
+        },
+        Err(e) => {
+            warn!(interface = iface, error = %e, "not a bpf_link (netlink attach): it detaches when xlb exits")
+        }
     }
 }
 

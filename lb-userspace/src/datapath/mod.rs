@@ -11,6 +11,23 @@ pub use writer::MapWriter;
 
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/xlb";
 
+/// Detaches xlb and forgets its state: unpins every link (the programs detach) and map
+/// (conntrack is lost) under `pin_path`. What `xlb cleanup` does; an agent restart never does.
+pub fn cleanup(pin_path: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    if !pin_path.exists() {
+        return Ok(());
+    }
+    if !pin_path.join(lb_common::map_name::SERVICES).exists() && !pin_path.join("links").exists() {
+        anyhow::bail!(
+            "{} does not look like an xlb pin path (no {} map, no links)",
+            pin_path.display(),
+            lb_common::map_name::SERVICES
+        );
+    }
+    std::fs::remove_dir_all(pin_path).with_context(|| format!("removing {}", pin_path.display()))
+}
+
 /// The eBPF object this agent was built with (built and embedded by build.rs).
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("XLB_EBPF_OBJECT"));
 
