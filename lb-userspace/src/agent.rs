@@ -263,8 +263,13 @@ fn serve_http(cfg: &AgentConfig, health: &Arc<HealthState>) {
     });
 }
 
+/// Sets a per-interface IPv4 sysctl when it differs (so an unprivileged container whose
+/// init step already set it does not warn on every start).
 fn set_sysctl(iface: &str, key: &str, value: &str) {
     let path = format!("/proc/sys/net/ipv4/conf/{iface}/{key}");
+    if std::fs::read_to_string(&path).is_ok_and(|current| current.trim() == value) {
+        return;
+    }
     if let Err(e) = std::fs::write(&path, value) {
         warn!(path, error = %e, "could not set sysctl");
     }

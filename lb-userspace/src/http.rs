@@ -34,7 +34,9 @@ use crate::datapath::reader;
 pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:10249";
 /// Default address of the node-wide health check (kube-proxy's healthz port).
 pub const DEFAULT_HEALTHZ_ADDR: &str = "0.0.0.0:10256";
-/// The node health check fails when the last successful sync is older than this.
+/// The node health check fails when applies have been failing for longer than this, with
+/// no successful sync in between: the maps are that much out of date (kube-proxy's
+/// `--healthz` timeout semantics: a quiet cluster is not an unhealthy proxy).
 pub const SYNC_HEALTH_TIMEOUT: Duration = Duration::from_secs(120);
 /// Longest request head (request line and headers) accepted; longer ones get 400.
 pub const MAX_REQUEST_HEAD: usize = 8192;
@@ -78,6 +80,8 @@ struct Inner {
     last_apply_duration: Duration,
     map_operations: u64,
     last_sync: Option<SystemTime>,
+    /// The first failed apply since the last successful one.
+    failing_since: Option<SystemTime>,
     frontends: usize,
     backend_sets: usize,
 }
@@ -123,21 +127,28 @@ impl HealthState {
     /// One attempt to apply a desired state to the maps: its outcome, how long it took and
     /// how many map operations (inserts, updates, deletes) it made.
     pub fn record_apply(&self, ok: bool, duration: Duration, map_ops: usize) {
+        self.record_apply_at(ok, duration, map_ops, SystemTime::now());
+    }
+
+    fn record_apply_at(&self, ok: bool, duration: Duration, map_ops: usize, now: SystemTime) {
         self.update(|i| {
             if ok {
                 i.apply_ok += 1;
+                i.failing_since = None;
             } else {
                 i.apply_error += 1;
+                i.failing_since.get_or_insert(now);
             }
             i.last_apply_duration = duration;
             i.map_operations += map_ops as u64;
         });
     }
 
-    /// The maps were confirmed to hold the source's current state at `now`. The node
-    /// health check (`:10256/healthz`) fails once this is older than
-    /// [`SYNC_HEALTH_TIMEOUT`], so call it on every successful apply *and* periodically
-    /// while nothing changes (a quiet cluster is not an unhealthy agent).
+    /// The maps were written with the source's current state at `now` (after a successful
+    /// apply). Shown as `lastUpdated` by `:10256/healthz` and as
+    /// `xlb_last_sync_timestamp_seconds`. The node stays healthy while nothing changes;
+    /// it turns unhealthy when applies keep failing and this is older than
+    /// [`SYNC_HEALTH_TIMEOUT`].
     pub fn set_last_sync(&self, now: SystemTime) {
         self.update(|i| i.last_sync = Some(now));
     }
@@ -169,12 +180,18 @@ impl HealthState {
         self.health_checks.borrow().clone()
     }
 
-    /// Node health as kube-proxy defines it: ready and synced recently.
+    /// Node health as kube-proxy defines it: ready, synced at least once, and not behind
+    /// the cluster for longer than [`SYNC_HEALTH_TIMEOUT`] (no apply has been failing,
+    /// without a success since, for that long).
     fn node_healthy(&self, now: SystemTime) -> bool {
         let i = self.read();
-        i.ready
-            && i.last_sync
-                .is_some_and(|t| sync_age(t, now) < SYNC_HEALTH_TIMEOUT)
+        if i.last_sync.is_none() {
+            return false;
+        }
+        let behind_too_long = i
+            .failing_since
+            .is_some_and(|since| sync_age(since, now) >= SYNC_HEALTH_TIMEOUT);
+        i.ready && !behind_too_long
     }
 }
 
@@ -232,7 +249,8 @@ pub async fn serve_metrics_on(
 }
 
 /// The node-wide health check kube-proxy serves on 10256: `GET /healthz` (and `/livez`)
-/// answer 200 while the agent is ready and synced within [`SYNC_HEALTH_TIMEOUT`], else 503.
+/// answer 200 while the agent is ready and has synced, unless applies have been failing
+/// for longer than [`SYNC_HEALTH_TIMEOUT`]; else 503.
 /// Load balancers use it to pick nodes for `externalTrafficPolicy: Cluster` services.
 pub async fn serve_node_health(addr: SocketAddr, state: Arc<HealthState>) -> Result<()> {
     let listener = bind(addr, "node health").await?;
@@ -1010,7 +1028,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn node_health_needs_ready_and_a_recent_sync() {
+    async fn node_health_needs_ready_a_sync_and_no_long_failure() {
         let state = Arc::new(HealthState::new());
         let addr = start({
             let state = state.clone();
@@ -1038,9 +1056,22 @@ mod tests {
         );
         assert_eq!(get(addr, "/livez").await.0, 200);
 
-        state.set_last_sync(SystemTime::now() - SYNC_HEALTH_TIMEOUT - Duration::from_secs(1));
-        assert_eq!(get(addr, "/healthz").await.0, 503, "stale sync");
+        // A quiet cluster: the last sync is old, nothing failed since. Healthy.
+        let long_ago = SystemTime::now() - SYNC_HEALTH_TIMEOUT - Duration::from_secs(1);
+        state.set_last_sync(long_ago);
+        assert_eq!(get(addr, "/healthz").await.0, 200, "quiet, not stale");
+        // Applies failing for a moment: still healthy.
+        state.record_apply(false, Duration::ZERO, 0);
+        assert_eq!(get(addr, "/healthz").await.0, 200, "failing briefly");
+        // A success clears it; failing for longer than the timeout: unhealthy.
+        state.record_apply(true, Duration::ZERO, 0);
+        state.record_apply_at(false, Duration::ZERO, 0, long_ago);
+        state.record_apply(false, Duration::ZERO, 0); // still failing: since long_ago
+        assert_eq!(get(addr, "/healthz").await.0, 503, "behind for too long");
+        // A successful apply: healthy again.
+        state.record_apply(true, Duration::ZERO, 0);
         state.set_last_sync(SystemTime::now());
+        assert_eq!(get(addr, "/healthz").await.0, 200, "recovered");
         state.set_ready(false);
         assert_eq!(get(addr, "/healthz").await.0, 503, "not ready");
         assert_eq!(get(addr, "/metrics").await.0, 404);
