@@ -380,7 +380,10 @@ pub mod stat {
     pub const DROP_NO_LOCAL_BACKEND: u32 = 17;
     /// Source outside the load balancer's loadBalancerSourceRanges: dropped.
     pub const DROP_SOURCE_RANGE: u32 = 18;
-    pub const COUNT: u32 = 19;
+    /// Event, counted besides the packet's verdict: a UDP flow's backend left its set, so
+    /// the flow was forgotten and this packet balanced afresh (S30).
+    pub const UDP_FLOW_MOVED: u32 = 19;
+    pub const COUNT: u32 = 20;
 
     /// Names for metrics and `xlb stats`, indexed by reason.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -403,6 +406,7 @@ pub mod stat {
         "drop_reject_failed",
         "drop_no_local_backend",
         "drop_source_range",
+        "udp_flow_moved",
     ];
 }
 

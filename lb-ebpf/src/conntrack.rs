@@ -5,13 +5,13 @@ use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
 };
 use lb_common::{
-    stat, DatapathConfig, FlowKey, FlowNat, ServiceValue, BACKEND_F_LOCAL, FLOW_F_ORIGINAL,
-    FLOW_F_REPLY, FLOW_F_SNAT, SVC_F_EXTERNAL,
+    stat, DatapathConfig, FlowKey, FlowNat, MemberKey, ServiceValue, BACKEND_F_LOCAL,
+    FLOW_F_ORIGINAL, FLOW_F_REPLY, FLOW_F_SNAT, IPPROTO_UDP, SVC_F_EXTERNAL,
 };
 
 use crate::{
     lookup::{flow_hash, Choice},
-    maps::CONNTRACK,
+    maps::{CONNTRACK, MEMBERS},
 };
 
 /// Refresh `last_seen_ns` at most this often: a write per packet would bounce the entry's
@@ -62,6 +62,37 @@ fn needs_masquerade(
     // A node-local set (traffic policy Local) preserves the client's source by contract.
     let local = choice.local || backend.flags & BACKEND_F_LOCAL != 0;
     !local && (service.flags & SVC_F_EXTERNAL != 0 || !in_cluster(cfg, flow.saddr))
+}
+
+/// S30: a UDP flow whose backend left its set would be black-holed for as long as packets
+/// keep its entry fresh (kube-proxy clears conntrack for this). Detect it on the next packet
+/// of the flow, forget both directions, and let the caller balance the packet afresh. TCP
+/// flows keep their backend until they end (S27, S29).
+#[inline(always)]
+pub fn udp_backend_gone(flow: &FlowKey, nat: &FlowNat) -> bool {
+    if flow.proto != IPPROTO_UDP || nat.flags & FLOW_F_ORIGINAL == 0 {
+        return false;
+    }
+    let member = MemberKey {
+        set: nat.backend_set,
+        addr: nat.daddr,
+        port: nat.dport,
+        _pad: 0,
+    };
+    if MEMBERS.get_ptr(member).is_some() {
+        return false;
+    }
+    let reply = FlowKey {
+        saddr: nat.daddr,
+        daddr: nat.saddr,
+        sport: nat.dport,
+        dport: nat.sport,
+        proto: flow.proto,
+        _pad: [0; 3],
+    };
+    let _ = CONNTRACK.remove(reply);
+    let _ = CONNTRACK.remove(flow);
+    true
 }
 
 /// Whether `addr` is inside the cluster (pod) CIDR. Without a configured CIDR, every source

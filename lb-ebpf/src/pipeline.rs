@@ -14,7 +14,6 @@ pub enum Outcome {
     Translated,
     /// Turned into an answer to its sender (TCP RST, ICMP port unreachable): send it back
     /// out of the interface it came in on.
-    #[allow(dead_code)] // built by reject.rs once active rejects land
     Bounce,
 }
 
@@ -27,7 +26,14 @@ pub fn process<C: Rewrite + Reject>(ctx: &C) -> Outcome {
             return Outcome::Pass;
         }
     };
-    if let Some(nat) = conntrack::lookup(&packet.flow) {
+    let tracked = conntrack::lookup(&packet.flow);
+    if let Some(nat) = tracked.filter(|nat| {
+        let gone = conntrack::udp_backend_gone(&packet.flow, nat);
+        if gone {
+            count(stat::UDP_FLOW_MOVED);
+        }
+        !gone
+    }) {
         if ctx.rewrite(&packet, &nat).is_err() {
             count(stat::DROP_REWRITE_FAILED);
             return Outcome::Drop;

@@ -21,8 +21,10 @@ use xlb::{
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
 const TC_ACT_OK: u32 = 0;
-const TC_ACT_SHOT: u32 = 2;
+/// What bpf_redirect() returns (a reject bounced to the ingress device).
+const TC_ACT_REDIRECT: u32 = 7;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 11);
@@ -443,14 +445,15 @@ fn xdp_truncated_and_non_ipv4_pass_untouched_and_are_counted() {
 }
 
 #[test]
-fn xdp_service_without_backends_drops_and_counts() {
-    let Some(fx) = Fixture::new("xdp_service_without_backends_drops_and_counts") else {
+fn xdp_service_without_backends_rejects_and_counts() {
+    let Some(fx) = Fixture::new("xdp_service_without_backends_rejects_and_counts") else {
         return;
     };
     let fx = fx.with_web_service();
+    // S10; the answer itself is checked in tests/datapath_reject.rs.
     let (verdict, _) = fx.run_xdp(&tcp(CLIENT_POD, 40005, VIP, 81, true));
-    assert_eq!(verdict, XDP_DROP);
-    assert_eq!(fx.stat(stat::DROP_NO_BACKEND), 1);
+    assert_eq!(verdict, XDP_TX);
+    assert_eq!(fx.stat(stat::REJECT_TCP_RESET), 1);
 }
 
 #[test]
@@ -483,12 +486,12 @@ fn tc_dnat_and_reverse_nat_match_xdp() {
         }
     );
     let (verdict, _) = fx.run_tc(&tcp(CLIENT_POD, 40007, VIP, 81, true));
-    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
     let stats = reader::stats(&fx.pin).unwrap();
     let expected: BTreeMap<&str, u64> = [
         ("forward_new", 1),
         ("reverse_nat", 1),
-        ("drop_no_backend", 1),
+        ("reject_tcp_reset", 1),
     ]
     .into_iter()
     .collect();
@@ -680,4 +683,64 @@ fn xdp_external_traffic_policy_local_drops_without_local_endpoint_but_pods_reach
         let t = parse_checked(&fx.run_xdp(&tcp(EXTERNAL, port, NODE_IP, 30090, true)).1);
         assert_eq!((t.src, t.dst), (EXTERNAL, BACKENDS[0]));
     }
+}
+
+#[test]
+fn s30_udp_flow_to_a_removed_backend_moves_on_its_next_packet_tcp_stays() {
+    let Some(mut fx) =
+        Fixture::new("s30_udp_flow_to_a_removed_backend_moves_on_its_next_packet_tcp_stays")
+    else {
+        return;
+    };
+    let desired = |backends: &[Ipv4Addr]| {
+        let mut d = DesiredState::default();
+        let list = |port| {
+            backends
+                .iter()
+                .map(|ip| Backend::new(*ip, port, 0))
+                .collect::<Vec<_>>()
+        };
+        d.backend_sets.insert("default/u:53/UDP".into(), list(5353));
+        d.backend_sets.insert("default/u:80/TCP".into(), list(8080));
+        d.frontends.insert(
+            ServiceKey::new(VIP, 53, IPPROTO_UDP),
+            Frontend::new("default/u:53/UDP", FrontendKind::ClusterIp, 0),
+        );
+        d.frontends.insert(
+            ServiceKey::new(VIP, 80, IPPROTO_TCP),
+            Frontend::new("default/u:80/TCP", FrontendKind::ClusterIp, 0),
+        );
+        d
+    };
+    fx.apply(&desired(&BACKENDS));
+    let udp_backend = parse_checked(&fx.run_xdp(&udp(CLIENT_POD, 5000, VIP, 53)).1).dst;
+    let tcp_backend = parse_checked(&fx.run_xdp(&tcp(CLIENT_POD, 40000, VIP, 80, true)).1).dst;
+    // Both flows' backends leave (at least the UDP one).
+    let remaining: Vec<Ipv4Addr> = BACKENDS
+        .iter()
+        .copied()
+        .filter(|b| *b != udp_backend && *b != tcp_backend)
+        .collect();
+    fx.apply(&desired(&remaining));
+    // The UDP flow's next packet goes to a live backend and stays there.
+    let moved = parse_checked(&fx.run_xdp(&udp(CLIENT_POD, 5000, VIP, 53)).1).dst;
+    assert!(remaining.contains(&moved), "UDP flow still sent to {moved}");
+    assert_eq!(fx.stat(stat::UDP_FLOW_MOVED), 1);
+    assert_eq!(
+        parse_checked(&fx.run_xdp(&udp(CLIENT_POD, 5000, VIP, 53)).1).dst,
+        moved
+    );
+    assert_eq!(
+        fx.stat(stat::UDP_FLOW_MOVED),
+        1,
+        "moved once, then tracked again"
+    );
+    // Its replies come back from the frontend address.
+    let back = parse_checked(&fx.run_xdp(&udp(moved, 5353, CLIENT_POD, 5000)).1);
+    assert_eq!((back.src, back.sport), (VIP, 53));
+    // The established TCP flow keeps its backend (S29; TCP ends on its own).
+    assert_eq!(
+        parse_checked(&fx.run_xdp(&tcp(CLIENT_POD, 40000, VIP, 80, false)).1).dst,
+        tcp_backend
+    );
 }

@@ -569,3 +569,289 @@ fn s32_agents_killed_and_restarted_three_times_break_no_connection() {
     let seen = answers(120, &ALL_PODS, || c.tb.http_get(&client, VIP, 80));
     assert_eq!(seen, all(), "{}", c.logs());
 }
+
+impl Cluster {
+    /// Rewrites the example with `edit` applied to its documents (0: Service, 1: slice).
+    fn edit_manifest(&self, edit: impl FnOnce(&mut Vec<serde_yaml::Value>)) {
+        let mut docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(EXAMPLE)
+            .map(|d| serde::Deserialize::deserialize(d).unwrap())
+            .collect();
+        edit(&mut docs);
+        let text: Vec<String> = docs
+            .iter()
+            .map(|d| serde_yaml::to_string(d).unwrap())
+            .collect();
+        self.write_manifest(&text.join("---\n"));
+    }
+
+    /// curl from `netns`; the body, or the curl error.
+    fn curl(&self, netns: &str, url: &str, extra: &[&str]) -> anyhow::Result<String> {
+        let mut args = vec!["curl", "-sS", "--max-time", "2"];
+        args.extend_from_slice(extra);
+        args.push(url);
+        let out = self.tb.run_in(netns, &args)?;
+        anyhow::ensure!(
+            out.status.success(),
+            "curl {url}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// Polls `condition` (bounded: the agent applies manifest changes within a second).
+    fn eventually(&self, what: &str, mut condition: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !condition() {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not within 5 s\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn yaml(text: &str) -> serde_yaml::Value {
+    serde_yaml::from_str(text).unwrap()
+}
+
+#[test]
+fn s16_s12_backends_see_pod_sources_and_masqueraded_remote_nodeport_traffic() {
+    let Some(c) =
+        Cluster::start("s16_s12_backends_see_pod_sources_and_masqueraded_remote_nodeport_traffic")
+    else {
+        return;
+    };
+    // S16: pod -> ClusterIP, every backend sees the pod's own address.
+    let pod_b = c.netns("pod-b");
+    for _ in 0..20 {
+        let answer = c.curl(&pod_b, "http://10.96.0.10/client", &[]).unwrap();
+        let (pod, client) = answer.split_once(' ').unwrap();
+        if pod == "pod-b" {
+            continue; // hairpin: masqueraded by design (S17)
+        }
+        assert_eq!(client, "10.244.1.3", "{pod} saw {client}");
+    }
+    // S12: external -> node1's NodePort; a backend on node2 sees node1's address, a backend
+    // on node1 sees the external client (its reply passes node1 anyway).
+    let ext = c.tb.external().netns.clone();
+    let (mut remote, mut local) = (false, false);
+    for _ in 0..60 {
+        let answer = c
+            .curl(&ext, "http://172.18.0.11:30080/client", &[])
+            .unwrap();
+        let (pod, client) = answer.split_once(' ').unwrap();
+        if pod == "pod-c" {
+            assert_eq!(client, "172.18.0.11");
+            remote = true;
+        } else {
+            assert_eq!(client, "172.18.0.100");
+            local = true;
+        }
+    }
+    assert!(remote && local, "both kinds of backend were reached");
+}
+
+#[test]
+fn s06_a_2000_byte_request_body_passes_the_service() {
+    let Some(c) = Cluster::start("s06_a_2000_byte_request_body_passes_the_service") else {
+        return;
+    };
+    let body = "x".repeat(2000);
+    for netns in [c.netns("pod-c"), c.tb.external().netns.clone()] {
+        let url = if netns.ends_with("ext") {
+            "http://172.18.0.12:30080/"
+        } else {
+            "http://10.96.0.10/"
+        };
+        for _ in 0..6 {
+            let answer = c.curl(&netns, url, &["--data-binary", &body]).unwrap();
+            assert!(answer.ends_with(" 2000"), "{answer}");
+        }
+    }
+}
+
+#[test]
+fn s15_changing_the_node_port_stops_the_old_port_at_once() {
+    let Some(c) = Cluster::start("s15_changing_the_node_port_stops_the_old_port_at_once") else {
+        return;
+    };
+    let ext = c.tb.external().netns.clone();
+    c.curl(&ext, "http://172.18.0.11:30080/", &[])
+        .expect("old port serves first");
+    c.edit_manifest(|docs| docs[0]["spec"]["ports"][0]["nodePort"] = 30081.into());
+    c.eventually("new nodePort serves", || {
+        c.curl(&ext, "http://172.18.0.11:30081/", &[]).is_ok()
+    });
+    let err = c
+        .curl(&ext, "http://172.18.0.11:30080/", &[])
+        .expect_err("old port must stop");
+    assert!(
+        err.to_string().contains("refused") || err.to_string().contains("Couldn't connect"),
+        "{err}"
+    );
+    // Deleting the service stops the ClusterIP as well.
+    let pod = c.netns("pod-c");
+    c.edit_manifest(|docs| {
+        docs.remove(0);
+    });
+    c.eventually("ClusterIP gone", || {
+        c.curl(&pod, "http://10.96.0.10/", &["--connect-timeout", "1"])
+            .is_err()
+    });
+}
+
+#[test]
+fn s19_s20_session_affinity_pins_a_client_and_can_be_switched_off() {
+    let Some(c) = Cluster::start("s19_s20_session_affinity_pins_a_client_and_can_be_switched_off")
+    else {
+        return;
+    };
+    c.edit_manifest(|docs| docs[0]["spec"]["sessionAffinity"] = "ClientIP".into());
+    let pod = c.netns("pod-c");
+    let ext = c.tb.external().netns.clone();
+    // Wait for the switch: 15 consecutive requests answered by one backend (S19).
+    let one_backend = |netns: &str, url: &str| -> bool {
+        let answers: BTreeSet<String> = (0..15).map(|_| c.curl(netns, url, &[]).unwrap()).collect();
+        answers.len() == 1
+    };
+    c.eventually("ClusterIP affinity", || {
+        one_backend(&pod, "http://10.96.0.10/")
+    });
+    assert!(
+        one_backend(&ext, "http://172.18.0.11:30080/"),
+        "NodePort affinity"
+    );
+    // S20: back to None, new connections spread again.
+    c.edit_manifest(|docs| docs[0]["spec"]["sessionAffinity"] = "None".into());
+    c.eventually("affinity off", || !one_backend(&pod, "http://10.96.0.10/"));
+}
+
+#[test]
+fn s22_s23_external_traffic_policy_local_keeps_sources_and_reports_health() {
+    let Some(c) =
+        Cluster::start("s22_s23_external_traffic_policy_local_keeps_sources_and_reports_health")
+    else {
+        return;
+    };
+    let local_policy = |docs: &mut Vec<serde_yaml::Value>| {
+        docs[0]["spec"]["type"] = "LoadBalancer".into();
+        docs[0]["spec"]["externalTrafficPolicy"] = "Local".into();
+        docs[0]["spec"]["healthCheckNodePort"] = 32000.into();
+    };
+    c.edit_manifest(local_policy);
+    let ext = c.tb.external().netns.clone();
+    // Through node2, only node2's pod answers, and it sees the external client's address.
+    c.eventually("node2 serves only pod-c", || {
+        (0..10).all(|_| {
+            c.curl(&ext, "http://172.18.0.12:30080/client", &[])
+                .unwrap()
+                == "pod-c 172.18.0.100"
+        })
+    });
+    // Through node1, only node1's pods.
+    for _ in 0..10 {
+        let answer = c
+            .curl(&ext, "http://172.18.0.11:30080/client", &[])
+            .unwrap();
+        assert!(
+            answer == "pod-a 172.18.0.100" || answer == "pod-b 172.18.0.100",
+            "{answer}"
+        );
+    }
+    // Pods keep reaching every endpoint through the NodePort.
+    let pod = c.netns("pod-c");
+    let seen = answers(120, &ALL_PODS, || {
+        c.tb.http_get(&pod, c.tb.node("node1").ip, 30080)
+    });
+    assert_eq!(seen, all());
+    // S23: the health-check node port: 200 with local endpoints, 503 without.
+    let status = |node_ip: &str| {
+        c.curl(
+            &ext,
+            &format!("http://{node_ip}:32000/"),
+            &["-o", "/dev/null", "-w", "%{http_code}"],
+        )
+        .unwrap_or_else(|e| e.to_string())
+    };
+    c.eventually("node2's health check reports 200", || {
+        status("172.18.0.12") == "200"
+    });
+    c.edit_manifest(|docs| {
+        local_policy(docs);
+        docs[1]["endpoints"]
+            .as_sequence_mut()
+            .unwrap()
+            .retain(|e| e["nodeName"] == "node1");
+    });
+    c.eventually("node2 reports 503 without local endpoints", || {
+        status("172.18.0.12") == "503"
+    });
+    assert_eq!(status("172.18.0.11"), "200");
+    // And node2 drops (no RST) external NodePort traffic: curl times out instead of being refused.
+    let err = c
+        .curl(&ext, "http://172.18.0.12:30080/", &["--max-time", "1"])
+        .expect_err("dropped");
+    assert!(
+        err.to_string().contains("timed out") || err.to_string().contains("Timeout"),
+        "{err}"
+    );
+    // The node-wide health endpoint answers too.
+    assert_eq!(
+        c.curl(
+            &ext,
+            "http://172.18.0.12:10256/healthz",
+            &["-o", "/dev/null", "-w", "%{http_code}"]
+        )
+        .unwrap(),
+        "200"
+    );
+}
+
+#[test]
+fn s24_internal_traffic_policy_local_keeps_cluster_ip_traffic_on_the_node() {
+    let Some(c) =
+        Cluster::start("s24_internal_traffic_policy_local_keeps_cluster_ip_traffic_on_the_node")
+    else {
+        return;
+    };
+    c.edit_manifest(|docs| docs[0]["spec"]["internalTrafficPolicy"] = "Local".into());
+    let pod_c = c.netns("pod-c");
+    c.eventually("pod-c only reaches itself", || {
+        (0..10).all(|_| c.curl(&pod_c, "http://10.96.0.10/", &[]).unwrap() == "pod-c")
+    });
+    let pod_a = c.netns("pod-a");
+    let seen = answers(60, &["pod-a", "pod-b"], || c.tb.http_get(&pod_a, VIP, 80));
+    assert_eq!(
+        seen,
+        BTreeSet::from(["pod-a".to_string(), "pod-b".to_string()])
+    );
+}
+
+#[test]
+fn s27_established_connection_to_a_terminating_endpoint_keeps_working() {
+    let Some(c) =
+        Cluster::start("s27_established_connection_to_a_terminating_endpoint_keeps_working")
+    else {
+        return;
+    };
+    let client = c.netns("pod-c");
+    let mut established =
+        c.tb.open_persistent_http(&client, VIP, 80)
+            .expect("connect");
+    let kept = established.request().unwrap().trim().to_string();
+    c.edit_manifest(|docs| {
+        for e in docs[1]["endpoints"].as_sequence_mut().unwrap() {
+            if e["targetRef"]["name"] == kept.as_str() {
+                e["conditions"] = yaml("{ready: false, serving: true, terminating: true}");
+            }
+        }
+    });
+    c.eventually("new connections avoid the terminating pod", || {
+        (0..15).all(|_| c.tb.http_get(&client, VIP, 80).unwrap().trim() != kept)
+    });
+    for _ in 0..5 {
+        assert_eq!(established.request().expect("established").trim(), kept);
+    }
+}

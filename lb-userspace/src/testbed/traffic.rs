@@ -18,7 +18,8 @@ pub const UDP_PORT: u16 = 5353;
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// `python3 -c SERVER_PY NAME READY_FILE`: HTTP/1.1 (keep-alive) on 8080 answering every
-/// GET with NAME, UDP on 5353 answering every datagram with NAME. Creates READY_FILE once
+/// GET with NAME (`GET /client`: "NAME CLIENT-ADDRESS", the source the server sees; a POST:
+/// "NAME BODY-LENGTH"), UDP on 5353 answering every datagram with NAME. Creates READY_FILE once
 /// both sockets listen. `server_bind` is overridden to skip `getfqdn()`, which can stall
 /// on DNS inside an isolated namespace.
 pub(crate) const SERVER_PY: &str = r#"
@@ -30,12 +31,21 @@ body = name.encode()
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    def do_GET(self):
+    def answer(self, data):
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Length", str(len(data)))
         self.end_headers()
-        self.wfile.write(body)
+        self.wfile.write(data)
+    def do_GET(self):
+        if self.path == "/client":
+            self.answer(("%s %s" % (name, self.client_address[0])).encode())
+        else:
+            self.answer(body)
+    def do_POST(self):
+        length = int(self.headers.get("Content-Length", "0"))
+        received = self.rfile.read(length)
+        self.answer(("%s %d" % (name, len(received))).encode())
     def log_message(self, *args):
         pass
 
