@@ -855,3 +855,78 @@ fn s27_established_connection_to_a_terminating_endpoint_keeps_working() {
         assert_eq!(established.request().expect("established").trim(), kept);
     }
 }
+
+#[test]
+fn s10_service_without_endpoints_is_refused_never_a_timeout() {
+    let Some(c) = Cluster::start("s10_service_without_endpoints_is_refused_never_a_timeout") else {
+        return;
+    };
+    let empty = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: empty, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.11
+  clusterIPs: [10.96.0.11]
+  ports:
+  - {name: http, port: 80, targetPort: 8080, protocol: TCP, nodePort: 30090}
+  - {name: dns, port: 53, targetPort: 5353, protocol: UDP, nodePort: 30091}
+"#;
+    std::fs::write(c.manifests.join("empty.yaml"), empty).unwrap();
+    let pod = c.netns("pod-c");
+    let ext = c.tb.external().netns.clone();
+    // Both agents have programmed the new service before anything is sent.
+    for node in ["node1", "node2"] {
+        let pin = c.tb.node(node).pin_path.clone();
+        c.eventually("the empty service is programmed", || {
+            xlb::datapath::reader::services(&pin).is_ok_and(|rows| {
+                rows.iter()
+                    .filter(|r| r.service.starts_with("default/empty"))
+                    .count()
+                    == 4
+            })
+        });
+    }
+    // Exactly "connection refused": a RST for TCP, ICMP port unreachable for UDP (a missing
+    // route or a drop would show up as another error or a timeout).
+    let tcp_error = |netns: &str, ip: Ipv4Addr, port: u16| {
+        c.tb.in_netns(netns, || {
+            let addr = std::net::SocketAddr::from((ip, port));
+            Ok(
+                std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+                    .map(|_| ())
+                    .map_err(|e| e.kind()),
+            )
+        })
+        .unwrap()
+    };
+    let refused = |result: anyhow::Result<String>| {
+        let text = format!("{:#}", result.expect_err("must be refused"));
+        assert!(text.contains("refused"), "expected a refusal, got: {text}");
+    };
+    // TC on the pod's veth answers the pod.
+    assert_eq!(
+        tcp_error(&pod, Ipv4Addr::new(10, 96, 0, 11), 80),
+        Err(std::io::ErrorKind::ConnectionRefused)
+    );
+    refused(c.tb.udp_request(&pod, Ipv4Addr::new(10, 96, 0, 11), 53));
+    // XDP on node1's uplink answers the external client the same way.
+    assert_eq!(
+        tcp_error(&ext, Ipv4Addr::new(172, 18, 0, 11), 30090),
+        Err(std::io::ErrorKind::ConnectionRefused)
+    );
+    refused(c.tb.udp_request(&ext, Ipv4Addr::new(172, 18, 0, 11), 30091));
+    let stats = |node: &str| {
+        let out = std::process::Command::new(xlb_bin())
+            .args(["stats", "-o", "json", "--pin-path"])
+            .arg(&c.tb.node(node).pin_path)
+            .output()
+            .unwrap();
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    assert!(stats("node2")["reject_tcp_reset"].as_u64().unwrap() >= 1);
+    assert!(stats("node2")["reject_icmp_unreachable"].as_u64().unwrap() >= 1);
+    assert!(stats("node1")["reject_tcp_reset"].as_u64().unwrap() >= 1);
+    assert!(stats("node1")["reject_icmp_unreachable"].as_u64().unwrap() >= 1);
+}

@@ -252,6 +252,50 @@ fn validate(spec: &TestbedSpec) -> Result<()> {
     Ok(())
 }
 
+/// Frames a node sends back with XDP_TX (rejects) reach the switch-side veth of its uplink,
+/// which delivers them promptly only when it runs an XDP program itself; a real switch port
+/// has no such quirk. So each node port gets the datapath's parse-only program
+/// (`xlb_floor`, it passes everything), attached by pinned links under `pin_dir`, which
+/// teardown removes.
+fn attach_switch_xdp(switch_netns: &str, ports: &[String], pin_dir: &Path) -> Result<()> {
+    use aya::programs::{links::FdLink, Xdp, XdpMode};
+    std::fs::create_dir_all(pin_dir).with_context(|| format!("creating {}", pin_dir.display()))?;
+    let pin_dir = pin_dir.to_path_buf();
+    let ports = ports.to_vec();
+    netns::in_netns(switch_netns, move || {
+        let mut loader = aya::EbpfLoader::new();
+        loader.default_map_pin_directory(&pin_dir);
+        // Only the parse-only program is used: keep its (unused) maps tiny.
+        for name in lb_common::map_name::ALL {
+            loader.map_max_entries(
+                name,
+                if name == lb_common::map_name::STATS {
+                    lb_common::stat::COUNT
+                } else {
+                    1
+                },
+            );
+        }
+        let mut ebpf = loader
+            .load(crate::datapath::EBPF_OBJECT)
+            .context("loading the switch-port program")?;
+        let prog: &mut Xdp = ebpf
+            .program_mut(crate::datapath::PROG_FLOOR)
+            .context("no floor program")?
+            .try_into()?;
+        prog.load()?;
+        for port in &ports {
+            let id = prog
+                .attach(port, XdpMode::Driver)
+                .with_context(|| format!("XDP on {port}"))?;
+            let link: FdLink = prog.take_link(id)?.try_into()?;
+            link.pin(pin_dir.join(format!("xdp-{port}")))
+                .with_context(|| format!("pinning the link of {port}"))?;
+        }
+        Ok(())
+    })
+}
+
 fn host_veth(pod: &str) -> String {
     format!("xv{}", pod.replace('-', ""))
 }
@@ -465,7 +509,8 @@ impl Testbed {
 
         // Offloads. Packets leaving a node or the client must carry full checksums: the
         // next hop's XDP cannot see CHECKSUM_PARTIAL. XDP_TX from a node uplink needs
-        // NAPI on the receiving peer, which GRO turns on for veth.
+        // NAPI on the receiving peer, which GRO turns on for veth; and the peer only polls
+        // promptly when it runs an XDP program itself (see `attach_switch_xdp`).
         for ns in self
             .nodes
             .iter()
@@ -477,6 +522,8 @@ impl Testbed {
         for n in &self.nodes {
             ethtool(&self.switch_netns, &["-K", &n.switch_port, "gro", "on"])?;
         }
+        let ports: Vec<String> = self.nodes.iter().map(|n| n.switch_port.clone()).collect();
+        attach_switch_xdp(&self.switch_netns, &ports, &self.pin_dir.join("switch"))?;
 
         for n in &self.nodes {
             std::fs::create_dir_all(&n.pin_path)
