@@ -11,6 +11,7 @@ use k8s_openapi::api::{
 use lb_common::{Backend, ServiceKey};
 
 mod compute;
+pub mod maglev;
 pub use compute::desired_state;
 
 /// Everything the agent knows about the cluster at one moment.
