@@ -247,9 +247,22 @@ mod tests {
                 "flows follow the slots"
             );
             assert!((needed_join - 1.0 / (n as f64 + 1.0)).abs() < 0.02);
-            // Slot shares differ by at most one slot (< 1% of M/N when M > 100 N); the flow
-            // imbalance adds the sampling noise of 100 000 flows over N backends.
-            assert!(imb < if n == 10 { 0.05 } else { 0.15 }, "imbalance {imb}");
+            // The paper's bound is on slot shares: they differ by at most one slot, under 1%
+            // of M/N when M > 100 N.
+            let mut owned = vec![0u32; n + 1];
+            for b in &with {
+                owned[*b as usize] += 1;
+            }
+            let slot_imbalance =
+                f64::from(*owned.iter().max().unwrap()) / (f64::from(m) / (n as f64 + 1.0)) - 1.0;
+            assert!(slot_imbalance < 0.01, "slot imbalance {slot_imbalance}");
+            // Flow imbalance adds the sampling noise of 100 000 flows over N backends (about
+            // 3% per backend at N = 100) and the flow hash's own unevenness: reported, loosely
+            // bounded.
+            assert!(
+                imb < if n == 10 { 0.05 } else { 0.25 },
+                "flow imbalance {imb}"
+            );
         }
     }
 }
