@@ -21,7 +21,8 @@ pub mod map_name {
     pub const BACKENDS: &str = "XLB_BACKEND_V1";
     pub const CONNTRACK: &str = "XLB_CT_V1";
     pub const STATS: &str = "XLB_STATS_V1";
-    pub const CONFIG: &str = "XLB_CONFIG_V1";
+    /// V2: `DatapathConfig` grew `netns_cookie` (24 -> 32 bytes).
+    pub const CONFIG: &str = "XLB_CONFIG_V2";
     /// Backend-set id -> service name, for `xlb services` (never read by the datapath).
     pub const SET_NAMES: &str = "XLB_NAMES_V1";
     /// (set, backend) -> present: lets session affinity check a remembered backend is still live.
@@ -30,8 +31,10 @@ pub mod map_name {
     pub const AFFINITY: &str = "XLB_AFFINITY_V1";
     /// loadBalancerSourceRanges: LPM trie of (frontend, source prefix).
     pub const SOURCE_RANGES: &str = "XLB_SRCRANGE_V1";
+    /// Sockets of node processes balanced at connect() (S18): cookie -> frontend, backend.
+    pub const SOCKETS: &str = "XLB_SOCK_V1";
     /// Every map, for pinning, adoption and clean-up.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 11] = [
         SERVICES,
         BACKEND_SETS,
         BACKENDS,
@@ -42,6 +45,7 @@ pub mod map_name {
         MEMBERS,
         AFFINITY,
         SOURCE_RANGES,
+        SOCKETS,
     ];
 }
 
@@ -62,6 +66,8 @@ pub mod capacity {
     pub const BACKEND_SETS: u32 = 262_144;
     /// Backend slots, both generations: 100 000 services x 10 backends, twice.
     pub const BACKENDS: u32 = 2_097_152;
+    /// Node-process sockets balanced at connect(); LRU (closed sockets age out).
+    pub const SOCKETS: u32 = 65_536;
     /// Connection-tracking entries (two per flow: original and reply direction).
     pub const CONNTRACK: u32 = 524_288;
 }
@@ -288,6 +294,18 @@ pub struct FlowNat {
     pub last_seen_ns: u64,
 }
 
+/// A node-process socket that connect4 sent to a backend instead of a frontend: what
+/// getpeername4 and recvmsg4 translate back, so the application sees the service address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockNat {
+    /// Network byte order, like everything else.
+    pub frontend_addr: u32,
+    pub backend_addr: u32,
+    pub frontend_port: u16,
+    pub backend_port: u16,
+}
+
 /// Human-readable name of a backend set (e.g. `default/web:http/TCP`), UTF-8, `len` bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -333,6 +351,10 @@ pub struct DatapathConfig {
     /// `CFG_F_*` bits.
     pub flags: u32,
     pub _reserved: u32,
+    /// Cookie of the agent's network namespace (SO_NETNS_COOKIE). The cgroup connect4
+    /// program (S18) is attached to a cgroup shared by every namespace of the machine: it acts
+    /// only for sockets whose namespace has this cookie. 0: it acts for none.
+    pub netns_cookie: u64,
 }
 
 /// Config flag: the agent has written this config (an all-zero config means "not yet").
@@ -422,8 +444,9 @@ const _: () = assert!(core::mem::size_of::<BackendSlot>() == 8);
 const _: () = assert!(core::mem::size_of::<Backend>() == 8);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowNat>() == 32);
-const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 24);
+const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 32);
 const _: () = assert!(core::mem::size_of::<SetName>() == 128);
+const _: () = assert!(core::mem::size_of::<SockNat>() == 12);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -443,4 +466,5 @@ mod pod {
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for SourceRange {}
+    unsafe impl aya::Pod for SockNat {}
 }

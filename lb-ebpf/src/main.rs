@@ -3,7 +3,9 @@
 //! Owns: per-packet work only — parse, conntrack lookup, service lookup, backend choice,
 //! NAT rewrite, verdict counters. Two entry points share one code path:
 //! `xlb_xdp` (XDP, ingress of uplinks) and `xlb_tc` (TC, ingress of pod veths, or of uplinks
-//! with `--uplink-mode tc`).
+//! with `--uplink-mode tc`). `xlb_connect4` (cgroup/connect4) balances connections of the
+//! node's own processes at connect() time, with the same look-up; `xlb_getpeername4` and
+//! `xlb_recvmsg4` show those sockets the service address instead of the backend.
 //! Must not: make policy decisions the agent can make ahead of time (which backends are
 //! usable, which frontends exist, whether a service is local): those arrive in maps.
 #![cfg_attr(target_arch = "bpf", no_std)]
@@ -21,12 +23,13 @@ mod nat;
 mod parse;
 mod pipeline;
 mod reject;
+mod sock;
 mod stats;
 
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
 use pipeline::Outcome;
 
@@ -60,6 +63,25 @@ pub fn xlb_tc(ctx: TcContext) -> i32 {
         Outcome::Translated => forward::redirect_by_fib(&ctx),
         Outcome::Bounce => forward::bounce(&ctx),
     }
+}
+
+/// connect() of TCP and UDP sockets in the agent's network namespace (S18): a frontend is
+/// replaced by a backend before the socket connects (connect-time load balancing).
+#[cgroup_sock_addr(connect4)]
+pub fn xlb_connect4(ctx: SockAddrContext) -> i32 {
+    sock::connect4(&ctx)
+}
+
+/// getpeername() of those sockets: the service address, not the backend.
+#[cgroup_sock_addr(getpeername4)]
+pub fn xlb_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::reverse4(&ctx)
+}
+
+/// recvfrom()/recvmsg() on those UDP sockets: replies appear to come from the service address.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn xlb_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::reverse4(&ctx)
 }
 
 #[cfg(target_arch = "bpf")]

@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     capacity, stat, AffinityKey, AffinityValue, Backend, BackendSet, BackendSlot, DatapathConfig,
-    FlowKey, FlowNat, MemberKey, ServiceKey, ServiceValue, SetName, SourceRange,
+    FlowKey, FlowNat, MemberKey, ServiceKey, ServiceValue, SetName, SockNat, SourceRange,
 };
 
 /// Control-plane maps are written by the agent only: allocate entries as they are written
@@ -35,7 +35,7 @@ pub static CONNTRACK: LruHashMap<FlowKey, FlowNat> = LruHashMap::pinned(capacity
 #[map(name = "XLB_STATS_V1")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stat::COUNT, 0);
 
-#[map(name = "XLB_CONFIG_V1")]
+#[map(name = "XLB_CONFIG_V2")]
 pub static CONFIG: Array<DatapathConfig> = Array::pinned(1, 0);
 
 /// Written by the agent for `xlb services`; the programs never read it.
@@ -53,6 +53,11 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
 #[map(name = "XLB_SRCRANGE_V1")]
 pub static SOURCE_RANGES: LpmTrie<SourceRange, u32> = LpmTrie::pinned(capacity::SOURCE_RANGES, 0);
 
+/// Node-process sockets balanced at connect() (S18), by socket cookie. LRU: closed sockets
+/// are never deleted explicitly, they age out.
+#[map(name = "XLB_SOCK_V1")]
+pub static SOCKETS: LruHashMap<u64, SockNat> = LruHashMap::pinned(capacity::SOCKETS, 0);
+
 /// The agent's settings (an all-zero config until it has written one).
 #[inline(always)]
 pub fn config() -> DatapathConfig {
@@ -68,5 +73,6 @@ pub fn config() -> DatapathConfig {
             snat_port_max: 0,
             flags: 0,
             _reserved: 0,
+            netns_cookie: 0,
         })
 }

@@ -43,6 +43,47 @@ pub struct AgentConfig {
     pub uplink_mode: UplinkMode,
     pub snat_ports: (u16, u16),
     pub ready_file: Option<PathBuf>,
+    /// cgroup v2 directory the connect4 program (S18) attaches to; `None`: off.
+    pub cgroup_path: Option<PathBuf>,
+}
+
+/// The first cgroup v2 mount in /proc/self/mounts (`/sys/fs/cgroup` on unified hosts,
+/// `/sys/fs/cgroup/unified` on hybrid ones).
+pub fn cgroup2_mount() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let (_, dir, fstype) = (f.next()?, f.next()?, f.next()?);
+        (fstype == "cgroup2").then(|| PathBuf::from(dir))
+    })
+}
+
+/// This process's network-namespace cookie (SO_NETNS_COOKIE, Linux >= 5.14); 0 when the
+/// kernel cannot tell (the connect4 program then acts for no socket).
+pub fn netns_cookie() -> u64 {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    // SAFETY: plain socket syscalls with valid pointers; the socket is closed below.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return 0;
+        }
+        let mut cookie: u64 = 0;
+        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+        let rc = libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        );
+        libc::close(fd);
+        if rc == 0 {
+            cookie
+        } else {
+            0
+        }
+    }
 }
 
 /// Parses `MIN-MAX`.
@@ -87,6 +128,13 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         warn!("no node address known (no --node-ip, uplinks have no IPv4): NodePorts and masquerade are off");
     }
     let snat_addr = node_ips.first().copied();
+    let netns_cookie = match &cfg.cgroup_path {
+        Some(_) => netns_cookie(),
+        None => 0,
+    };
+    if cfg.cgroup_path.is_some() && netns_cookie == 0 {
+        warn!("no network-namespace cookie (SO_NETNS_COOKIE needs Linux >= 5.14): node processes will not reach services (S18)");
+    }
     writer.write_config(&DatapathConfig {
         cluster_cidr_addr: cfg
             .cluster_cidr
@@ -97,7 +145,18 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         snat_port_max: cfg.snat_ports.1,
         flags: CFG_F_READY,
         _reserved: 0,
+        netns_cookie,
     })?;
+    // After the config: the program acts only once it knows this namespace's cookie.
+    // Not fatal: the packet datapath matters more than node processes reaching services.
+    match &cfg.cgroup_path {
+        Some(path) => {
+            if let Err(e) = datapath.attach_cgroup(path) {
+                warn!(cgroup = %path.display(), error = format!("{e:#}"), "node processes will not reach services (S18)");
+            }
+        }
+        None => datapath.detach_cgroup(),
+    }
     let node = NodeContext {
         node_name: cfg.node_name.clone(),
         node_ips,

@@ -88,6 +88,10 @@ struct RunArgs {
     /// Written once the datapath is attached and the first state is programmed.
     #[arg(long)]
     ready_file: Option<PathBuf>,
+    /// cgroup v2 directory for the connect4 program that balances the node's own processes
+    /// at connect() (S18); default: the first cgroup2 mount. `off` disables it.
+    #[arg(long, value_name = "DIR|off")]
+    cgroup_path: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -141,6 +145,11 @@ fn main() -> Result<()> {
                 uplink_mode: args.uplink_mode,
                 snat_ports: parse_port_range(&args.snat_ports)?,
                 ready_file: args.ready_file,
+                cgroup_path: match args.cgroup_path.clone() {
+                    Some(p) if p.as_os_str() == "off" => None,
+                    Some(p) => Some(p),
+                    None => agent::cgroup2_mount(),
+                },
             };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

@@ -65,6 +65,7 @@ impl Fixture {
                 snat_port_max: 65535,
                 flags: CFG_F_READY,
                 _reserved: 0,
+                netns_cookie: 0,
             })
             .expect("config");
         Some(Self {
@@ -600,18 +601,19 @@ fn xdp_session_affinity_keeps_a_client_on_one_backend_until_it_leaves() {
 
 /// The datapath's flow hash (lb-ebpf/src/lookup.rs), to predict the plain hash choice.
 fn flow_hash(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> u32 {
+    fn fmix32(mut h: u32) -> u32 {
+        h ^= h >> 16;
+        h = h.wrapping_mul(0x85eb_ca6b);
+        h ^= h >> 13;
+        h = h.wrapping_mul(0xc2b2_ae35);
+        h ^= h >> 16;
+        h
+    }
     let (saddr, daddr) = (u32::from(src).to_be(), u32::from(dst).to_be());
-    let (sport, dport) = (u32::from(sport.to_be()), u32::from(dport.to_be()));
-    let mut h = saddr
-        ^ daddr.rotate_left(16)
-        ^ ((sport << 16) | dport)
-        ^ u32::from(IPPROTO_TCP).wrapping_mul(0x9e37_79b9);
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^= h >> 16;
-    h
+    let ports = (u32::from(sport.to_be()) << 16) | u32::from(dport.to_be());
+    let h = fmix32(saddr ^ 0x9e37_79b9);
+    let h = fmix32(h ^ daddr);
+    fmix32(h ^ ports ^ u32::from(IPPROTO_TCP))
 }
 
 #[test]

@@ -66,6 +66,7 @@ impl Fixture {
                 snat_port_max: 65535,
                 flags: CFG_F_READY,
                 _reserved: 0,
+                netns_cookie: 0,
             })
             .expect("config");
         let mut desired = DesiredState::default();

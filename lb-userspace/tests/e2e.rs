@@ -4,7 +4,7 @@
 //! it down, also on failure.
 use std::{
     collections::BTreeSet,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -929,4 +929,100 @@ spec:
     assert!(stats("node2")["reject_icmp_unreachable"].as_u64().unwrap() >= 1);
     assert!(stats("node1")["reject_tcp_reset"].as_u64().unwrap() >= 1);
     assert!(stats("node1")["reject_icmp_unreachable"].as_u64().unwrap() >= 1);
+}
+
+#[test]
+fn s18_node_processes_reach_cluster_ip_node_port_and_external_ip() {
+    let Some(c) = Cluster::start("s18_node_processes_reach_cluster_ip_node_port_and_external_ip")
+    else {
+        return;
+    };
+    let external_ip = Ipv4Addr::new(203, 0, 113, 10);
+    c.edit_manifest(|docs| {
+        docs[0]["spec"]["externalIPs"] = yaml(&format!("[{external_ip}]"));
+    });
+    let node1 = c.tb.node("node1").netns.clone();
+    let (ip1, ip2) = (c.tb.node("node1").ip, c.tb.node("node2").ip);
+    // Nothing routes the external IP from node1: only the connect4 rewrite reaches it.
+    c.eventually("external IP balanced for node processes", || {
+        c.tb.http_get(&node1, external_ip, 80).is_ok()
+    });
+    for (ip, port) in [(VIP, 80), (ip1, 30080), (ip2, 30080), (external_ip, 80)] {
+        let seen = answers(120, &ALL_PODS, || c.tb.http_get(&node1, ip, port));
+        assert_eq!(seen, all(), "node1 -> {ip}:{port}\n{}", c.logs());
+    }
+    let seen = answers(120, &ALL_PODS, || c.tb.udp_request(&node1, VIP, 53));
+    assert_eq!(seen, all(), "node1 -> {VIP}:53/UDP\n{}", c.logs());
+
+    // Isolation: the programs see every namespace of the machine but rewrite only sockets
+    // of their agent's. A connected UDP socket (nothing is sent) shows both views: its peer
+    // as getpeername() reports it, and its destination as the kernel holds it
+    // (/proc/net/udp of the namespace).
+    type Peers = Result<(SocketAddr, SocketAddr), std::io::ErrorKind>;
+    let peers = |netns: &str| -> Peers {
+        c.tb.in_netns(netns, || {
+            let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+            if let Err(e) = s.connect((VIP, 53)) {
+                return Ok(Err(e.kind()));
+            }
+            let shown = s.peer_addr()?;
+            let port = s.local_addr()?.port();
+            let table = std::fs::read_to_string("/proc/thread-self/net/udp")?;
+            let kernel = table
+                .lines()
+                .skip(1)
+                .find_map(|line| {
+                    let fields: Vec<&str> = line.split_whitespace().collect();
+                    let (_, local_port) = fields.get(1)?.split_once(':')?;
+                    if u16::from_str_radix(local_port, 16).ok()? != port {
+                        return None;
+                    }
+                    let (ip, port) = fields.get(2)?.split_once(':')?;
+                    let ip = u32::from_str_radix(ip, 16).ok()?;
+                    Some(SocketAddr::from((
+                        Ipv4Addr::from(ip.to_ne_bytes()),
+                        u16::from_str_radix(port, 16).ok()?,
+                    )))
+                })
+                .expect("the socket in /proc/net/udp");
+            Ok(Ok((shown, kernel)))
+        })
+        .unwrap()
+    };
+    let service = SocketAddr::from((VIP, 53));
+    let (shown, kernel) = peers(&node1).expect("connect in node1");
+    assert_eq!(shown, service, "getpeername4 shows the service");
+    assert_ne!(
+        kernel.ip(),
+        std::net::IpAddr::V4(VIP),
+        "node1 not rewritten"
+    );
+    assert_eq!(kernel.port(), 5353, "node1: {kernel}");
+    let pod = c.netns("pod-a");
+    assert_eq!(
+        peers(&pod).expect("connect in pod-a"),
+        (service, service),
+        "a pod's connect() must be left to the packet path"
+    );
+    let ext = c.tb.external().netns.clone();
+    match peers(&ext) {
+        Ok(both) => assert_eq!(both, (service, service), "external"),
+        // No route to the ClusterIP outside the cluster: not rewritten either.
+        Err(kind) => assert_eq!(kind, std::io::ErrorKind::NetworkUnreachable),
+    }
+
+    // A service without endpoints: connect() fails at once with ECONNREFUSED.
+    c.set_endpoints(&[]);
+    c.eventually("connect refused without endpoints", || {
+        c.tb.in_netns(&node1, || {
+            let addr = std::net::SocketAddr::from((VIP, 80));
+            Ok(
+                std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+                    .map(|_| ())
+                    .map_err(|e| e.kind()),
+            )
+        })
+        .unwrap()
+            == Err(std::io::ErrorKind::ConnectionRefused)
+    });
 }

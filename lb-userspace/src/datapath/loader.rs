@@ -2,6 +2,7 @@
 //! a previous agent left there), and attaches the programs to interfaces.
 use std::{
     collections::BTreeMap,
+    os::fd::AsFd,
     path::{Path, PathBuf},
 };
 
@@ -9,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use aya::{
     programs::{
         links::{FdLink, LinkError, PinnedLink},
-        tc, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        tc, CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode,
     },
     Ebpf, EbpfLoader,
 };
@@ -24,6 +25,16 @@ const HOOK_TC: &str = "tc";
 pub const PROG_TC: &str = "xlb_tc";
 /// Parse-only XDP program: the floor the benchmark compares the datapath with.
 pub const PROG_FLOOR: &str = "xlb_floor";
+/// cgroup/connect4: connect-time balancing for the node's own processes (S18).
+pub const PROG_CONNECT4: &str = "xlb_connect4";
+const HOOK_CONNECT4: &str = "connect4";
+/// The cgroup socket programs (S18) and their hooks: connect4 balances; getpeername4 and
+/// recvmsg4 show the service address instead of the backend.
+const SOCK_PROGRAMS: [(&str, &str); 3] = [
+    (PROG_CONNECT4, HOOK_CONNECT4),
+    ("xlb_getpeername4", "getpeername4"),
+    ("xlb_recvmsg4", "recvmsg4"),
+];
 
 /// The loaded datapath: programs, where they are attached, and the pin path of its maps.
 pub struct Datapath {
@@ -31,6 +42,8 @@ pub struct Datapath {
     pin_path: PathBuf,
     /// Interface name -> hook, for everything attached by this agent.
     attached: BTreeMap<String, &'static str>,
+    /// Whether the kernel accepted the connect4 program.
+    connect4_loaded: bool,
 }
 
 impl Datapath {
@@ -72,7 +85,21 @@ impl Datapath {
             .context("no floor program in object")?
             .try_into()?;
         floor.load().context("verifying the floor program")?;
+        // Optional (S18): a kernel that rejects them (bpf_set_retval needs >= 5.18) still
+        // gets the packet datapath.
+        let mut connect4_loaded = true;
+        for (name, _) in SOCK_PROGRAMS {
+            let prog: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .with_context(|| format!("no {name} program in object"))?
+                .try_into()?;
+            if let Err(e) = prog.load() {
+                warn!(program = name, error = %e, "cgroup socket program not loaded: node processes will not reach services (S18)");
+                connect4_loaded = false;
+            }
+        }
         Ok(Self {
+            connect4_loaded,
             ebpf,
             pin_path: pin_path.to_path_buf(),
             attached: BTreeMap::new(),
@@ -176,6 +203,68 @@ impl Datapath {
         Ok(())
     }
 
+    /// Attaches the socket programs (connect4, getpeername4, recvmsg4) to the cgroup v2
+    /// directory `cgroup` (S18), each as a link pinned at
+    /// `<pin>/links/<hook>-cgroup-<cgroup inode>`. A link an earlier agent pinned for the same
+    /// cgroup gets the new program (bpf_link_update, no gap); pins for other cgroups are
+    /// removed (detached).
+    pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        if !self.connect4_loaded {
+            bail!("the cgroup socket programs were not loaded");
+        }
+        let dir = std::fs::File::open(cgroup)
+            .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+        let ino = dir
+            .metadata()
+            .with_context(|| format!("stat {}", cgroup.display()))?
+            .ino();
+        let links = self.pin_path.join("links");
+        std::fs::create_dir_all(&links).with_context(|| format!("creating {}", links.display()))?;
+        let label = cgroup.display().to_string();
+        for (name, hook) in SOCK_PROGRAMS {
+            self.remove_link_pins(hook, "cgroup", Some(ino));
+            let pin = links.join(format!("{hook}-cgroup-{ino}"));
+            let prog: &mut CgroupSockAddr = self
+                .ebpf
+                .program_mut(name)
+                .with_context(|| format!("no {name} program"))?
+                .try_into()?;
+            if pin.exists() {
+                match replace_link_program(&pin, prog.fd()?.as_fd()) {
+                    Ok(()) => {
+                        info!(
+                            cgroup = label.as_str(),
+                            hook, "replaced the program of the pinned cgroup link (no gap)"
+                        );
+                        continue;
+                    }
+                    Err(e) => {
+                        warn!(cgroup = label.as_str(), hook, error = %e, "unusable pinned cgroup link; attaching afresh");
+                        let _ = std::fs::remove_file(&pin);
+                    }
+                }
+            }
+            // bpf_link_create takes no flags for cgroups (EINVAL otherwise): cgroup links
+            // always coexist with other programs there, as BPF_F_ALLOW_MULTI attachments do.
+            let id = prog
+                .attach(&dir, CgroupAttachMode::Single)
+                .with_context(|| format!("attaching cgroup/{hook} to {}", cgroup.display()))?;
+            info!(cgroup = label.as_str(), hook, "attached a cgroup program");
+            let link = prog.take_link(id)?;
+            pin_link(FdLink::try_from(link), &pin, &label);
+        }
+        self.attached.insert(label, HOOK_CONNECT4);
+        Ok(())
+    }
+
+    /// Detaches the socket programs of an earlier agent (`--cgroup-path off`).
+    pub fn detach_cgroup(&self) {
+        for (_, hook) in SOCK_PROGRAMS {
+            self.remove_link_pins(hook, "cgroup", None);
+        }
+    }
+
     /// Where the link of `hook` on `iface` is pinned: `<pin>/links/<hook>-<iface>-<ifindex>`.
     /// The ifindex tells a recreated interface (same name, new index) from the one a pinned
     /// link was made for; pins for other indexes of this name are stale and removed.
@@ -186,14 +275,14 @@ impl Datapath {
         if ifindex == 0 {
             bail!("no interface {iface}");
         }
-        self.remove_link_pins(hook, iface, Some(ifindex));
+        self.remove_link_pins(hook, iface, Some(u64::from(ifindex)));
         let dir = self.pin_path.join("links");
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         Ok(dir.join(format!("{hook}-{iface}-{ifindex}")))
     }
 
     /// Unpins (and so detaches) links of `hook` on `iface`, except the one for `keep`.
-    fn remove_link_pins(&self, hook: &str, iface: &str, keep: Option<u32>) {
+    fn remove_link_pins(&self, hook: &str, iface: &str, keep: Option<u64>) {
         let prefix = format!("{hook}-{iface}-");
         let Ok(entries) = std::fs::read_dir(self.pin_path.join("links")) else {
             return;
@@ -238,6 +327,13 @@ impl Datapath {
             .context("no floor program")?
             .try_into()?)
     }
+    pub fn connect4_program(&self) -> Result<&CgroupSockAddr> {
+        Ok(self
+            .ebpf
+            .program(PROG_CONNECT4)
+            .context("no connect4 program")?
+            .try_into()?)
+    }
     pub fn tc_program(&self) -> Result<&SchedClassifier> {
         Ok(self
             .ebpf
@@ -245,6 +341,52 @@ impl Datapath {
             .context("no TC program")?
             .try_into()?)
     }
+}
+
+/// Swaps `prog` into the link pinned at `pin` (BPF_OBJ_GET, then BPF_LINK_UPDATE): aya has
+/// no `attach_to_link` for cgroup programs.
+fn replace_link_program(pin: &Path, prog: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {
+    use std::os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd},
+        unix::ffi::OsStrExt,
+    };
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_UPDATE: libc::c_long = 29;
+    let path = std::ffi::CString::new(pin.as_os_str().as_bytes())?;
+    // union bpf_attr for BPF_OBJ_GET: pathname, bpf_fd, file_flags.
+    let mut attr = [0u64; 4];
+    attr[0] = path.as_ptr() as u64;
+    // SAFETY: attr outlives the call and is large enough for the command.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this descriptor to us.
+    let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // union bpf_attr for BPF_LINK_UPDATE: link_fd, new_prog_fd, flags, old_prog_fd.
+    let mut attr = [0u32; 4];
+    attr[0] = link.as_raw_fd() as u32;
+    attr[1] = prog.as_raw_fd() as u32;
+    // SAFETY: as above.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_UPDATE,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// A link pinned earlier, if there is one.

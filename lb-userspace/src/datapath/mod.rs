@@ -6,7 +6,7 @@ mod loader;
 pub mod reader;
 pub mod writer;
 
-pub use loader::{Datapath, PROG_FLOOR, PROG_TC, PROG_XDP};
+pub use loader::{Datapath, PROG_CONNECT4, PROG_FLOOR, PROG_TC, PROG_XDP};
 pub use writer::MapWriter;
 
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/xlb";

@@ -23,7 +23,10 @@ pub fn default_table_size(backends: usize) -> u32 {
 
 /// Whether `m` is a valid table size (a prime >= 3, as the permutation needs).
 pub fn valid_table_size(m: u32) -> bool {
-    m >= 3 && (2..).take_while(|d: &u32| d * d <= m).all(|d| m % d != 0)
+    m >= 3
+        && (2..)
+            .take_while(|d: &u32| d * d <= m)
+            .all(|d| !m.is_multiple_of(d))
 }
 
 /// FNV-1a, 64 bits, with a caller-chosen offset basis: two bases give the two independent
@@ -118,16 +121,16 @@ mod tests {
                     u32::from((random() as u16).to_be()),
                     u32::from(80u16.to_be()),
                 );
-                let mut h = saddr
-                    ^ daddr.rotate_left(16)
-                    ^ ((sport << 16) | dport)
-                    ^ 6u32.wrapping_mul(0x9e37_79b9);
-                h ^= h >> 16;
-                h = h.wrapping_mul(0x85eb_ca6b);
-                h ^= h >> 13;
-                h = h.wrapping_mul(0xc2b2_ae35);
-                h ^= h >> 16;
-                h
+                let fmix32 = |mut h: u32| {
+                    h ^= h >> 16;
+                    h = h.wrapping_mul(0x85eb_ca6b);
+                    h ^= h >> 13;
+                    h = h.wrapping_mul(0xc2b2_ae35);
+                    h ^ (h >> 16)
+                };
+                let h = fmix32(saddr ^ 0x9e37_79b9);
+                let h = fmix32(h ^ daddr);
+                fmix32(h ^ ((sport << 16) | dport) ^ 6)
             })
             .collect()
     }
@@ -256,11 +259,10 @@ mod tests {
             let slot_imbalance =
                 f64::from(*owned.iter().max().unwrap()) / (f64::from(m) / (n as f64 + 1.0)) - 1.0;
             assert!(slot_imbalance < 0.01, "slot imbalance {slot_imbalance}");
-            // Flow imbalance adds the sampling noise of 100 000 flows over N backends (about
-            // 3% per backend at N = 100) and the flow hash's own unevenness: reported, loosely
-            // bounded.
+            // Flow imbalance adds the sampling noise of 100 000 flows over N backends: about
+            // 3% per backend at N = 100, so the worst of 101 backends sits near +9%.
             assert!(
-                imb < if n == 10 { 0.05 } else { 0.25 },
+                imb < if n == 10 { 0.05 } else { 0.12 },
                 "flow imbalance {imb}"
             );
         }
