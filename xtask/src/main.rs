@@ -75,8 +75,20 @@ enum Task {
         #[arg(long)]
         down: bool,
     },
-    /// Benchmarks (not implemented yet).
-    Bench,
+    /// Benchmarks (root): datapath cost per packet, programming from cold against
+    /// kube-proxy's iptables and nftables rules, endpoint-change latency, memory. Builds in
+    /// release, runs xlb-bench, writes the report (and its SVG plots beside it).
+    Bench {
+        /// Fewer rounds and smaller kube-proxy baselines: under 10 minutes.
+        #[arg(long)]
+        quick: bool,
+        /// The report [default: docs/benchmarks.md in the workspace].
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// Arguments for xlb-bench (e.g. `-o json` for the raw results on stdout).
+        #[arg(last = true, value_name = "XLB_BENCH_ARGS")]
+        args: Vec<String>,
+    },
 }
 
 #[derive(Args, Clone, Copy)]
@@ -94,10 +106,7 @@ fn main() -> ExitCode {
         Task::BuildAndLoad { build: b, args } => build_and_load(b, &args),
         Task::Test { args } => test(&args),
         Task::Demo { keep, down } => demo(keep, down),
-        Task::Bench => {
-            say("bench: not implemented yet (issue: Benchmarks)");
-            return ExitCode::from(2);
-        }
+        Task::Bench { quick, out, args } => bench(quick, out, &args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -189,6 +198,38 @@ fn demo(keep: bool, down: bool) -> Result<()> {
         c.arg("--down");
     }
     Err(cmd::exec(&mut c))
+}
+
+fn bench(quick: bool, out: Option<PathBuf>, args: &[String]) -> Result<()> {
+    require_root("bench", "load BPF programs and create network namespaces")?;
+    setup::ensure(Need::Run)?;
+    // Both binaries: the bench also measures the agent itself (target/release/xlb).
+    cmd::run(&mut cargo(&[
+        "build",
+        "--release",
+        "--package",
+        "lb-userspace",
+        "--bins",
+    ]))?;
+    // A path given by the caller stays relative to the caller's directory.
+    let out = match out {
+        Some(path) => env::current_dir()?.join(path),
+        None => workspace_root().join("docs/benchmarks.md"),
+    };
+    let mut c = cargo(&[
+        "run",
+        "--release",
+        "--package",
+        "lb-userspace",
+        "--bin",
+        "xlb-bench",
+        "--",
+    ]);
+    if quick {
+        c.arg("--quick");
+    }
+    c.arg("--out").arg(&out).args(args);
+    cmd::run(&mut c)
 }
 
 /// The steps of `cargo xtask test`, run in order, each announced and timed.

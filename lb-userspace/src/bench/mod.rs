@@ -1,1 +1,303 @@
-//! Benchmarks behind `cargo xtask bench` (being written).
+//! Benchmarks behind `cargo xtask bench` and the `xlb-bench` binary; the report is
+//! docs/benchmarks.md.
+//!
+//! Part 1 (`per_packet`): the datapath's cost per packet through BPF_PROG_TEST_RUN, against
+//! the parse-only floor program, with 1 to 100 000 services. Part 3 (`control`): programming
+//! from cold (xlb against kube-proxy's iptables and nftables layouts loaded by the real tools),
+//! the latency of an endpoint change with 50 000 services loaded, and memory. Part 2 (traffic
+//! through the VIP) and restart cost are not measured yet; the report says so.
+//!
+//! Owns: the measurements, their raw results (`BenchResults`, serialisable for `-o json`) and
+//! the report (`report`, with SVG plots from `svg`).
+//! Must not: write BPF maps except through `datapath::MapWriter`, or touch anything it did
+//! not create (see `sys`: everything it creates is named after its pid and removed on drop).
+pub mod control;
+pub mod kube_proxy;
+pub mod packets;
+pub mod per_packet;
+pub mod report;
+pub mod stats;
+mod svg;
+pub mod synth;
+pub mod sys;
+
+use std::{
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        OnceLock,
+    },
+    time::Instant,
+};
+
+use anyhow::{bail, Result};
+use serde::Serialize;
+
+use control::{
+    AgentConfig, AgentResults, ColdConfig, ColdPlan, ColdResults, LatencyConfig, LatencyResults,
+    System,
+};
+use per_packet::{PerPacketConfig, PerPacketResults};
+
+/// Endpoints per synthetic service throughout.
+pub const ENDPOINTS: usize = 10;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Every size, 5 or more interleaved rounds; takes an hour or more.
+    Full,
+    /// Fewer rounds and smaller baselines; under 10 minutes.
+    Quick,
+    /// Tiny sizes and one round: only proves the bench still works (tests/bench.rs).
+    Tiny,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Full => "full",
+            Mode::Quick => "quick",
+            Mode::Tiny => "tiny",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchConfig {
+    pub mode: Mode,
+    pub per_packet: Option<PerPacketConfig>,
+    pub cold: Option<ColdConfig>,
+    pub latency: Option<LatencyConfig>,
+    /// Services the real agent is started with for the memory figures.
+    pub agent_services: usize,
+    pub agent_timeout_s: f64,
+    /// The `xlb` binary for the agent measurement; skipped (and said so) without one.
+    pub xlb: Option<PathBuf>,
+}
+
+fn plan(entries: &[(System, usize, usize)]) -> Vec<ColdPlan> {
+    entries
+        .iter()
+        .map(|&(system, services, rounds)| ColdPlan {
+            system,
+            services,
+            rounds,
+        })
+        .collect()
+}
+
+impl BenchConfig {
+    pub fn full() -> Self {
+        use System::*;
+        Self {
+            mode: Mode::Full,
+            per_packet: Some(PerPacketConfig {
+                sizes: vec![1, 1_000, 10_000, 100_000],
+                endpoints: ENDPOINTS,
+                rounds: 7,
+                repeat: 1_000_000,
+                distinct: 5_000,
+                chain_calls: 60,
+            }),
+            cold: Some(ColdConfig {
+                plan: plan(&[
+                    (Xlb, 1_000, 7),
+                    (Xlb, 2_000, 7),
+                    (Xlb, 10_000, 7),
+                    (Xlb, 50_000, 7),
+                    (Xlb, 100_000, 7),
+                    (Iptables, 1_000, 5),
+                    (Iptables, 2_000, 3),
+                    (Iptables, 10_000, 1),
+                    (Nftables, 1_000, 5),
+                    (Nftables, 10_000, 3),
+                    (Nftables, 50_000, 1),
+                ]),
+                endpoints: ENDPOINTS,
+                timeout_s: 1_800.0,
+            }),
+            latency: Some(LatencyConfig {
+                services: 50_000,
+                endpoints: ENDPOINTS,
+                changes: 500,
+            }),
+            agent_services: 50_000,
+            agent_timeout_s: 600.0,
+            xlb: None,
+        }
+    }
+
+    pub fn quick() -> Self {
+        use System::*;
+        Self {
+            mode: Mode::Quick,
+            per_packet: Some(PerPacketConfig {
+                sizes: vec![1, 1_000, 10_000, 100_000],
+                endpoints: ENDPOINTS,
+                rounds: 5,
+                repeat: 200_000,
+                distinct: 2_000,
+                chain_calls: 30,
+            }),
+            cold: Some(ColdConfig {
+                plan: plan(&[
+                    (Xlb, 1_000, 3),
+                    (Xlb, 2_000, 3),
+                    (Xlb, 10_000, 3),
+                    (Xlb, 50_000, 3),
+                    (Iptables, 1_000, 3),
+                    (Iptables, 2_000, 1),
+                    (Nftables, 1_000, 3),
+                    (Nftables, 10_000, 1),
+                ]),
+                endpoints: ENDPOINTS,
+                timeout_s: 240.0,
+            }),
+            latency: Some(LatencyConfig {
+                services: 50_000,
+                endpoints: ENDPOINTS,
+                changes: 200,
+            }),
+            agent_services: 50_000,
+            agent_timeout_s: 300.0,
+            xlb: None,
+        }
+    }
+
+    /// 1 round, 10 services, baselines at 10 services: seconds, for the test that keeps the
+    /// bench from rotting.
+    pub fn tiny() -> Self {
+        use System::*;
+        Self {
+            mode: Mode::Tiny,
+            per_packet: Some(PerPacketConfig {
+                sizes: vec![1, 10],
+                endpoints: ENDPOINTS,
+                rounds: 1,
+                repeat: 100_000,
+                distinct: 100,
+                chain_calls: 3,
+            }),
+            cold: Some(ColdConfig {
+                plan: plan(&[(Xlb, 10, 1), (Iptables, 10, 1), (Nftables, 10, 1)]),
+                endpoints: ENDPOINTS,
+                timeout_s: 60.0,
+            }),
+            latency: Some(LatencyConfig {
+                services: 10,
+                endpoints: ENDPOINTS,
+                changes: 20,
+            }),
+            agent_services: 10,
+            agent_timeout_s: 60.0,
+            xlb: None,
+        }
+    }
+}
+
+/// Everything measured, as `xlb-bench -o json` prints it.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchResults {
+    pub mode: Mode,
+    pub environment: sys::Environment,
+    pub duration_s: f64,
+    pub per_packet: Option<PerPacketResults>,
+    pub cold: Option<ColdResults>,
+    pub latency: Option<LatencyResults>,
+    pub agent: Option<AgentResults>,
+    /// Steps skipped, and why.
+    pub notes: Vec<String>,
+}
+
+static START: OnceLock<Instant> = OnceLock::new();
+static QUIET: AtomicBool = AtomicBool::new(false);
+
+/// Progress lines on stderr (long steps say what they are doing).
+pub fn say(msg: impl std::fmt::Display) {
+    if QUIET.load(Ordering::Relaxed) {
+        return;
+    }
+    let t = START.get_or_init(Instant::now).elapsed().as_secs_f64();
+    eprintln!("bench [{t:7.1}s] {msg}");
+}
+
+pub fn set_quiet(quiet: bool) {
+    QUIET.store(quiet, Ordering::Relaxed);
+}
+
+/// Runs every configured part. Needs root (BPF, network namespaces).
+pub fn run(cfg: &BenchConfig) -> Result<BenchResults> {
+    // SAFETY: plain syscall.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the benchmarks need root (BPF programs, maps, network namespaces)");
+    }
+    START.get_or_init(Instant::now);
+    let started = Instant::now();
+    let environment = sys::Environment::probe();
+    say(format!(
+        "{} run on {} ({} CPUs), kernel {}",
+        cfg.mode.name(),
+        environment.cpu_model,
+        environment.cpus,
+        environment.kernel
+    ));
+    let mut notes = Vec::new();
+
+    let per_packet = match &cfg.per_packet {
+        Some(c) => {
+            say("part 1: datapath cost per packet (BPF_PROG_TEST_RUN)");
+            Some(per_packet::run(c)?)
+        }
+        None => None,
+    };
+    sys::check_interrupt()?;
+    let cold = match &cfg.cold {
+        Some(c) => {
+            say("part 3: programming from cold (xlb, kube-proxy iptables, kube-proxy nftables)");
+            Some(control::cold(c)?)
+        }
+        None => None,
+    };
+    sys::check_interrupt()?;
+    let latency = match &cfg.latency {
+        Some(c) => {
+            say("part 3: endpoint-change latency");
+            Some(control::latency(c)?)
+        }
+        None => None,
+    };
+    sys::check_interrupt()?;
+    let agent = match &cfg.xlb {
+        Some(xlb) if cfg.agent_services > 0 => {
+            say("part 3: memory of the real agent (xlb run)");
+            Some(control::agent(&AgentConfig {
+                services: cfg.agent_services,
+                endpoints: ENDPOINTS,
+                xlb: xlb.clone(),
+                timeout_s: cfg.agent_timeout_s,
+            })?)
+        }
+        Some(_) => None,
+        None => {
+            notes.push(
+                "agent memory not measured: no `xlb` binary was given or found next to \
+                 xlb-bench (`cargo xtask bench` builds both)"
+                    .into(),
+            );
+            None
+        }
+    };
+    let duration_s = started.elapsed().as_secs_f64();
+    say(format!("done in {duration_s:.0} s"));
+    Ok(BenchResults {
+        mode: cfg.mode,
+        environment,
+        duration_s,
+        per_packet,
+        cold,
+        latency,
+        agent,
+        notes,
+    })
+}

@@ -1,0 +1,207 @@
+//! Keeps the benchmarks from rotting: runs the whole bench in its tiny configuration (one
+//! round, 10 services, kube-proxy baselines at 10 services, the real agent with 10 services)
+//! and checks that it measured what it claims, wrote a complete report, and left nothing
+//! behind.
+use std::path::{Path, PathBuf};
+
+use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+use xlb::{
+    bench::{
+        self,
+        control::System,
+        packets::{tcp_frame, TCP_SYN},
+        per_packet::{Kind, Program},
+        report, BenchConfig,
+    },
+    testbed::require_privileges,
+};
+
+/// A scratch directory for the report, removed on drop (also when an assertion fails).
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!("xlb-bench-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("creating the report directory");
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn assert_positive(what: &str, values: &[f64]) {
+    assert!(!values.is_empty(), "{what}: no values");
+    for v in values {
+        assert!(
+            v.is_finite() && *v > 0.0,
+            "{what}: {v} is not a positive number"
+        );
+    }
+}
+
+/// Namespaces, pin directories and work directories of this process that still exist.
+fn leftovers() -> Vec<PathBuf> {
+    let pid = std::process::id();
+    let tmp = std::env::temp_dir();
+    let places = [
+        (
+            Path::new("/run/netns"),
+            format!("{}{pid}-", bench::sys::NETNS_PREFIX),
+        ),
+        (Path::new(bench::sys::PIN_ROOT), format!("{pid}-")),
+        (tmp.as_path(), format!("xlb-bench-{pid}-")),
+    ];
+    let mut left = Vec::new();
+    for (dir, prefix) in places {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                left.push(entry.path());
+            }
+        }
+    }
+    left
+}
+
+#[test]
+fn bench_runs_in_its_tiny_configuration() {
+    if !require_privileges("bench_runs_in_its_tiny_configuration") {
+        return;
+    }
+    let mut config = BenchConfig::tiny();
+    config.xlb = Some(PathBuf::from(env!("CARGO_BIN_EXE_xlb")));
+    let results = bench::run(&config).expect("the tiny bench run");
+    assert!(
+        leftovers().is_empty(),
+        "the bench left namespaces or pins behind: {:?}",
+        leftovers()
+    );
+
+    // Part 1: every (program, kind, size) measured, with positive, finite values.
+    let p = results.per_packet.as_ref().expect("per-packet results");
+    for &n in &p.config.sizes {
+        for program in [Program::Xdp, Program::Tc] {
+            for kind in Kind::ALL {
+                let row = p
+                    .row(program, kind, n)
+                    .unwrap_or_else(|| panic!("no {program:?} {kind:?} row at {n} services"));
+                let what = format!("{program:?} {kind:?} at {n} services");
+                assert_eq!(row.ns.len(), p.config.rounds, "{what}");
+                assert_positive(&what, &row.ns);
+                assert_positive(&what, &row.kernel_ns);
+                assert_positive(&what, &row.ratio_to_floor);
+            }
+        }
+    }
+
+    // Part 3: every system programmed 10 services, and the kernel held them afterwards:
+    // 10 KUBE-SVC and 100 KUBE-SEP chains in the bench's namespace (iptables-save), 10
+    // service and 100 endpoint chains (nft list chains), 10 frontends and 100 backends in
+    // xlb's maps.
+    let cold = results
+        .cold
+        .as_ref()
+        .expect("programming-from-cold results");
+    for system in System::ALL {
+        let row = cold
+            .row(system, 10)
+            .unwrap_or_else(|| panic!("{system:?} was not programmed"));
+        assert_eq!(row.timed_out, 0, "{system:?} timed out");
+        assert_positive(&format!("{system:?} seconds"), &row.seconds);
+        let verified = row
+            .verified
+            .as_ref()
+            .unwrap_or_else(|| panic!("{system:?}: loaded state not checked"));
+        assert_eq!(
+            (verified.service_chains, verified.endpoint_chains),
+            (10, 100),
+            "{system:?}"
+        );
+        if system != System::Xlb {
+            assert_positive(&format!("{system:?} ratio to xlb"), &row.ratio_to_xlb);
+            assert!(row.input_lines > 10 * 10, "{system:?} input too small");
+        }
+    }
+
+    let latency = results.latency.as_ref().expect("latency results");
+    assert_eq!(
+        latency.total_ms.len(),
+        config.latency.as_ref().unwrap().changes
+    );
+    assert_positive("change latency", &latency.total_ms);
+    assert_positive("compute time", &latency.compute_ms);
+    assert_positive("apply time", &latency.apply_ms);
+    assert!(latency.map_ops_per_change > 0);
+    assert!(
+        latency.maps.iter().any(|m| m.bytes > 0),
+        "no map memory read"
+    );
+
+    let agent = results.agent.as_ref().expect("agent results");
+    assert_positive(
+        "agent",
+        &[agent.ready_s, agent.rss_kib as f64, agent.map_bytes as f64],
+    );
+    assert!(agent.maps >= 5, "the agent holds {} maps", agent.maps);
+
+    // The report: every section, the goals, the plots beside it; and the JSON.
+    let dir = TempDir::new();
+    let markdown = dir.0.join("benchmarks.md");
+    let written = report::write(&results, &markdown).expect("writing the report");
+    let text = std::fs::read_to_string(&markdown).expect("reading the report");
+    for section in report::SECTIONS {
+        assert!(text.contains(section), "the report lacks {section:?}");
+    }
+    for verdict in ["TODO", "not measured in this run"] {
+        assert!(text.contains(verdict), "the report lacks {verdict:?}");
+    }
+    assert!(text.contains(&results.environment.kernel));
+    let svgs: Vec<&Path> = written
+        .iter()
+        .map(PathBuf::as_path)
+        .filter(|p| p.extension().is_some_and(|e| e == "svg"))
+        .collect();
+    assert_eq!(svgs.len(), 3, "plots written: {written:?}");
+    for svg in svgs {
+        let name = svg.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(text.contains(&name), "the report does not show {name}");
+        let body = std::fs::read_to_string(svg).unwrap();
+        assert!(body.starts_with("<svg") && body.trim_end().ends_with("</svg>"));
+        assert!(!body.contains("NaN"), "{name} has NaN coordinates");
+    }
+    let json = serde_json::to_value(&results).expect("results serialise");
+    for key in ["environment", "per_packet", "cold", "latency", "agent"] {
+        assert!(!json[key].is_null(), "JSON lacks {key}");
+    }
+}
+
+/// The bench builds its packets by hand; an independent parser agrees they are valid.
+#[test]
+fn bench_packets_have_valid_checksums() {
+    let frame = tcp_frame(
+        ("10.244.200.1".parse().unwrap(), 40000),
+        ("10.96.0.1".parse().unwrap(), 80),
+        TCP_SYN,
+        b"hello",
+    );
+    let p = SlicedPacket::from_ethernet(&frame).expect("parses");
+    let Some(NetSlice::Ipv4(ip)) = p.net else {
+        panic!("not IPv4")
+    };
+    let header = ip.header().to_header();
+    assert_eq!(header.header_checksum, header.calc_header_checksum());
+    let Some(TransportSlice::Tcp(tcp)) = p.transport else {
+        panic!("not TCP")
+    };
+    assert!(tcp.syn() && !tcp.ack());
+    assert_eq!((tcp.source_port(), tcp.destination_port()), (40000, 80));
+    let expected = tcp
+        .to_header()
+        .calc_checksum_ipv4(&header, tcp.payload())
+        .unwrap();
+    assert_eq!(tcp.checksum(), expected);
+}
