@@ -1,22 +1,21 @@
 //! Datapath behaviour through BPF_PROG_TEST_RUN: real programs in the real kernel, maps
 //! seeded by the agent's own writer, output parsed by an independent packet library
 //! (etherparse) with checksums verified. One behaviour per test.
+mod common;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
-    path::PathBuf,
 };
 
-use aya::programs::{TestRun, TestRunOptions};
+use common::{Fixture, NODE_IP};
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 use lb_common::{
-    stat, Backend, DatapathConfig, ServiceKey, BACKEND_F_LOCAL, CFG_F_READY, IPPROTO_TCP,
-    IPPROTO_UDP, SVC_F_EXTERNAL,
+    stat, Backend, ServiceKey, BACKEND_F_LOCAL, IPPROTO_TCP, IPPROTO_UDP, SVC_F_EXTERNAL,
 };
 use xlb::{
-    datapath::{reader, Datapath, MapWriter},
+    datapath::reader,
     model::{DesiredState, Frontend, FrontendKind},
-    testbed::require_privileges,
 };
 
 const XDP_DROP: u32 = 1;
@@ -27,7 +26,6 @@ const TC_ACT_OK: u32 = 0;
 const TC_ACT_REDIRECT: u32 = 7;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
-const NODE_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 11);
 const CLIENT_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
 const EXTERNAL: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 100);
 const BACKENDS: [Ipv4Addr; 3] = [
@@ -37,44 +35,7 @@ const BACKENDS: [Ipv4Addr; 3] = [
 ];
 const NODE_PORT: u16 = 30080;
 
-/// A loaded datapath with maps pinned under a per-test directory, removed on drop.
-struct Fixture {
-    datapath: Option<Datapath>,
-    writer: Option<MapWriter>,
-    pin: PathBuf,
-}
-
 impl Fixture {
-    fn new(test: &str) -> Option<Self> {
-        if !require_privileges(test) {
-            return None;
-        }
-        let pin = PathBuf::from(format!(
-            "/sys/fs/bpf/xlb-test/{}-{test}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&pin);
-        let mut datapath = Datapath::load(&pin).expect("load datapath");
-        let mut writer = datapath.writer().expect("map writer");
-        writer
-            .write_config(&DatapathConfig {
-                cluster_cidr_addr: u32::from(Ipv4Addr::new(10, 244, 0, 0)).to_be(),
-                cluster_cidr_mask: (u32::MAX << 16).to_be(),
-                snat_addr: u32::from(NODE_IP).to_be(),
-                snat_port_min: 61000,
-                snat_port_max: 65535,
-                flags: CFG_F_READY,
-                _reserved: 0,
-                netns_cookie: 0,
-            })
-            .expect("config");
-        Some(Self {
-            datapath: Some(datapath),
-            writer: Some(writer),
-            pin,
-        })
-    }
-
     /// Service web: ClusterIP VIP:80/TCP and NodePort 30080/TCP -> three backends on 8080
     /// (the first local), UDP VIP:53 -> 5353 on the same pods, and VIP:81 with none.
     fn with_web_service(self) -> Self {
@@ -116,58 +77,10 @@ impl Fixture {
             ServiceKey::new(VIP, 81, IPPROTO_TCP),
             fe("default/empty:81/TCP", FrontendKind::ClusterIp, 0),
         );
-        self.writer.as_ref().map(|_| ()).unwrap();
         let mut this = self;
-        this.writer
-            .as_mut()
-            .unwrap()
-            .apply(&desired)
-            .expect("apply");
+        this.apply(&desired);
         this
     }
-
-    fn run_xdp(&self, packet: &[u8]) -> (u32, Vec<u8>) {
-        let prog = self.datapath.as_ref().unwrap().xdp_program().unwrap();
-        run(|opts| prog.test_run(opts), packet)
-    }
-
-    fn run_tc(&self, packet: &[u8]) -> (u32, Vec<u8>) {
-        let prog = self.datapath.as_ref().unwrap().tc_program().unwrap();
-        run(|opts| prog.test_run(opts), packet)
-    }
-
-    fn stat(&self, reason: u32) -> u64 {
-        reader::stats(&self.pin).unwrap()[stat::NAMES[reason as usize]]
-    }
-
-    fn conntrack(&self) -> Vec<reader::FlowRow> {
-        reader::conntrack(&self.pin).unwrap()
-    }
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        self.writer.take();
-        self.datapath.take();
-        let _ = std::fs::remove_dir_all(&self.pin);
-        // The shared parent goes when the last test leaves it (fails harmlessly before).
-        let _ = std::fs::remove_dir("/sys/fs/bpf/xlb-test");
-    }
-}
-
-fn run(
-    f: impl FnOnce(
-        TestRunOptions<'_>,
-    ) -> Result<aya::programs::TestRunResult, aya::programs::ProgramError>,
-    packet: &[u8],
-) -> (u32, Vec<u8>) {
-    let mut out = vec![0u8; packet.len() + 256];
-    let mut opts = TestRunOptions::new();
-    opts.data_in = Some(packet);
-    opts.data_out = Some(&mut out);
-    let result = f(opts).expect("BPF_PROG_TEST_RUN");
-    out.truncate(result.data_size_out as usize);
-    (result.return_value, out)
 }
 
 fn tcp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, syn: bool) -> Vec<u8> {
@@ -245,7 +158,7 @@ fn parse_checked(bytes: &[u8]) -> Tuple {
 
 #[test]
 fn xdp_dnat_new_flow_to_a_backend() {
-    let Some(fx) = Fixture::new("xdp_dnat_new_flow_to_a_backend") else {
+    let Some(fx) = Fixture::load("xdp_dnat_new_flow_to_a_backend") else {
         return;
     };
     let fx = fx.with_web_service();
@@ -273,7 +186,7 @@ fn xdp_dnat_new_flow_to_a_backend() {
 
 #[test]
 fn xdp_same_flow_stays_on_its_backend() {
-    let Some(fx) = Fixture::new("xdp_same_flow_stays_on_its_backend") else {
+    let Some(fx) = Fixture::load("xdp_same_flow_stays_on_its_backend") else {
         return;
     };
     let fx = fx.with_web_service();
@@ -294,7 +207,7 @@ fn xdp_same_flow_stays_on_its_backend() {
 
 #[test]
 fn xdp_reverse_nat_of_reply() {
-    let Some(fx) = Fixture::new("xdp_reverse_nat_of_reply") else {
+    let Some(fx) = Fixture::load("xdp_reverse_nat_of_reply") else {
         return;
     };
     let fx = fx.with_web_service();
@@ -316,7 +229,7 @@ fn xdp_reverse_nat_of_reply() {
 
 #[test]
 fn xdp_nodeport_to_remote_backend_is_masqueraded() {
-    let Some(fx) = Fixture::new("xdp_nodeport_to_remote_backend_is_masqueraded") else {
+    let Some(fx) = Fixture::load("xdp_nodeport_to_remote_backend_is_masqueraded") else {
         return;
     };
     let fx = fx.with_web_service();
@@ -357,7 +270,7 @@ fn xdp_nodeport_to_remote_backend_is_masqueraded() {
 
 #[test]
 fn xdp_nodeport_to_local_backend_keeps_client_source() {
-    let Some(fx) = Fixture::new("xdp_nodeport_to_local_backend_keeps_client_source") else {
+    let Some(fx) = Fixture::load("xdp_nodeport_to_local_backend_keeps_client_source") else {
         return;
     };
     let fx = fx.with_web_service();
@@ -373,7 +286,7 @@ fn xdp_nodeport_to_local_backend_keeps_client_source() {
 
 #[test]
 fn xdp_udp_dnat_and_reply() {
-    let Some(fx) = Fixture::new("xdp_udp_dnat_and_reply") else {
+    let Some(fx) = Fixture::load("xdp_udp_dnat_and_reply") else {
         return;
     };
     let fx = fx.with_web_service();
@@ -396,7 +309,7 @@ fn xdp_udp_dnat_and_reply() {
 
 #[test]
 fn xdp_unknown_destination_passes_untouched() {
-    let Some(fx) = Fixture::new("xdp_unknown_destination_passes_untouched") else {
+    let Some(fx) = Fixture::load("xdp_unknown_destination_passes_untouched") else {
         return;
     };
     let fx = fx.with_web_service();
@@ -414,7 +327,8 @@ fn xdp_unknown_destination_passes_untouched() {
 
 #[test]
 fn xdp_truncated_and_non_ipv4_pass_untouched_and_are_counted() {
-    let Some(fx) = Fixture::new("xdp_truncated_and_non_ipv4_pass_untouched_and_are_counted") else {
+    let Some(fx) = Fixture::load("xdp_truncated_and_non_ipv4_pass_untouched_and_are_counted")
+    else {
         return;
     };
     let fx = fx.with_web_service();
@@ -447,7 +361,7 @@ fn xdp_truncated_and_non_ipv4_pass_untouched_and_are_counted() {
 
 #[test]
 fn xdp_service_without_backends_rejects_and_counts() {
-    let Some(fx) = Fixture::new("xdp_service_without_backends_rejects_and_counts") else {
+    let Some(fx) = Fixture::load("xdp_service_without_backends_rejects_and_counts") else {
         return;
     };
     let fx = fx.with_web_service();
@@ -459,7 +373,7 @@ fn xdp_service_without_backends_rejects_and_counts() {
 
 #[test]
 fn tc_dnat_and_reverse_nat_match_xdp() {
-    let Some(fx) = Fixture::new("tc_dnat_and_reverse_nat_match_xdp") else {
+    let Some(fx) = Fixture::load("tc_dnat_and_reverse_nat_match_xdp") else {
         return;
     };
     let fx = fx.with_web_service();
@@ -547,16 +461,10 @@ fn policy_state(backends: &[Ipv4Addr], local: &[Ipv4Addr], affinity: u32) -> Des
 const POLICY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
 const LB_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 20);
 
-impl Fixture {
-    fn apply(&mut self, desired: &DesiredState) {
-        self.writer.as_mut().unwrap().apply(desired).expect("apply");
-    }
-}
-
 #[test]
 fn xdp_session_affinity_keeps_a_client_on_one_backend_until_it_leaves() {
     let Some(mut fx) =
-        Fixture::new("xdp_session_affinity_keeps_a_client_on_one_backend_until_it_leaves")
+        Fixture::load("xdp_session_affinity_keeps_a_client_on_one_backend_until_it_leaves")
     else {
         return;
     };
@@ -618,7 +526,7 @@ fn flow_hash(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> u32 {
 
 #[test]
 fn xdp_session_affinity_expires_after_its_timeout() {
-    let Some(mut fx) = Fixture::new("xdp_session_affinity_expires_after_its_timeout") else {
+    let Some(mut fx) = Fixture::load("xdp_session_affinity_expires_after_its_timeout") else {
         return;
     };
     fx.apply(&policy_state(&BACKENDS, &[], 1));
@@ -649,7 +557,7 @@ fn xdp_session_affinity_expires_after_its_timeout() {
 
 #[test]
 fn xdp_load_balancer_source_ranges_admit_only_listed_sources() {
-    let Some(mut fx) = Fixture::new("xdp_load_balancer_source_ranges_admit_only_listed_sources")
+    let Some(mut fx) = Fixture::load("xdp_load_balancer_source_ranges_admit_only_listed_sources")
     else {
         return;
     };
@@ -665,7 +573,7 @@ fn xdp_load_balancer_source_ranges_admit_only_listed_sources() {
 
 #[test]
 fn xdp_external_traffic_policy_local_drops_without_local_endpoint_but_pods_reach_all() {
-    let Some(mut fx) = Fixture::new(
+    let Some(mut fx) = Fixture::load(
         "xdp_external_traffic_policy_local_drops_without_local_endpoint_but_pods_reach_all",
     ) else {
         return;
@@ -690,7 +598,7 @@ fn xdp_external_traffic_policy_local_drops_without_local_endpoint_but_pods_reach
 #[test]
 fn s30_udp_flow_to_a_removed_backend_moves_on_its_next_packet_tcp_stays() {
     let Some(mut fx) =
-        Fixture::new("s30_udp_flow_to_a_removed_backend_moves_on_its_next_packet_tcp_stays")
+        Fixture::load("s30_udp_flow_to_a_removed_backend_moves_on_its_next_packet_tcp_stays")
     else {
         return;
     };

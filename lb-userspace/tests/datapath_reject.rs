@@ -3,21 +3,17 @@
 //! (XDP_TX; for TC a redirect to the ingress device). Real programs in the real kernel, maps
 //! seeded by the agent's own writer, answers parsed by etherparse with every checksum
 //! verified. One behaviour per test.
-use std::{net::Ipv4Addr, path::PathBuf};
+mod common;
 
-use aya::programs::{TestRun, TestRunOptions};
+use std::net::Ipv4Addr;
+
+use common::{Fixture, NODE_IP};
 use etherparse::{
     icmpv4::DestUnreachableHeader, Icmpv4Type, IpNumber, Ipv4Header, Ipv4HeaderSlice, LinkSlice,
     NetSlice, PacketBuilder, SlicedPacket, TcpOptionElement, TransportSlice, UdpHeaderSlice,
 };
-use lb_common::{
-    stat, DatapathConfig, ServiceKey, CFG_F_READY, IPPROTO_TCP, IPPROTO_UDP, SVC_F_EXTERNAL,
-};
-use xlb::{
-    datapath::{reader, Datapath, MapWriter},
-    model::{DesiredState, Frontend, FrontendKind},
-    testbed::require_privileges,
-};
+use lb_common::{stat, ServiceKey, IPPROTO_TCP, IPPROTO_UDP, SVC_F_EXTERNAL};
+use xlb::model::{DesiredState, Frontend, FrontendKind};
 
 const XDP_DROP: u32 = 1;
 const XDP_TX: u32 = 3;
@@ -25,7 +21,6 @@ const XDP_TX: u32 = 3;
 const TC_ACT_REDIRECT: u32 = 7;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
-const NODE_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 11);
 const CLIENT_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
 const EXTERNAL: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 100);
 /// ClusterIP VIP:81/TCP, NodePort NODE_IP:30081/TCP and ClusterIP VIP:54/UDP: all without
@@ -37,113 +32,31 @@ const UDP_PORT: u16 = 54;
 const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
 const OUR_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
 
-/// A loaded datapath with maps pinned under a per-test directory, removed on drop, and the
-/// services without endpoints programmed.
-struct Fixture {
-    datapath: Option<Datapath>,
-    writer: Option<MapWriter>,
-    pin: PathBuf,
-}
-
-impl Fixture {
-    fn new(test: &str) -> Option<Self> {
-        if !require_privileges(test) {
-            return None;
-        }
-        let pin = PathBuf::from(format!(
-            "/sys/fs/bpf/xlb-test/{}-{test}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&pin);
-        let mut datapath = Datapath::load(&pin).expect("load datapath");
-        let mut writer = datapath.writer().expect("map writer");
-        writer
-            .write_config(&DatapathConfig {
-                cluster_cidr_addr: u32::from(Ipv4Addr::new(10, 244, 0, 0)).to_be(),
-                cluster_cidr_mask: (u32::MAX << 16).to_be(),
-                snat_addr: u32::from(NODE_IP).to_be(),
-                snat_port_min: 61000,
-                snat_port_max: 65535,
-                flags: CFG_F_READY,
-                _reserved: 0,
-                netns_cookie: 0,
-            })
-            .expect("config");
-        let mut desired = DesiredState::default();
-        for set in ["default/empty:81/TCP", "default/empty:54/UDP"] {
-            desired.backend_sets.insert(set.into(), vec![]);
-        }
-        desired.frontends.insert(
-            ServiceKey::new(VIP, TCP_PORT, IPPROTO_TCP),
-            Frontend::new("default/empty:81/TCP", FrontendKind::ClusterIp, 0),
-        );
-        desired.frontends.insert(
-            ServiceKey::new(NODE_IP, NODE_PORT, IPPROTO_TCP),
-            Frontend::new(
-                "default/empty:81/TCP",
-                FrontendKind::NodePort,
-                SVC_F_EXTERNAL,
-            ),
-        );
-        desired.frontends.insert(
-            ServiceKey::new(VIP, UDP_PORT, IPPROTO_UDP),
-            Frontend::new("default/empty:54/UDP", FrontendKind::ClusterIp, 0),
-        );
-        writer.apply(&desired).expect("apply");
-        Some(Self {
-            datapath: Some(datapath),
-            writer: Some(writer),
-            pin,
-        })
+/// A loaded datapath (tests/common) with the services without endpoints programmed.
+fn fixture(test: &str) -> Option<Fixture> {
+    let mut fx = Fixture::load(test)?;
+    let mut desired = DesiredState::default();
+    for set in ["default/empty:81/TCP", "default/empty:54/UDP"] {
+        desired.backend_sets.insert(set.into(), vec![]);
     }
-
-    fn run_xdp(&self, packet: &[u8]) -> (u32, Vec<u8>) {
-        let prog = self.datapath.as_ref().unwrap().xdp_program().unwrap();
-        run(|opts| prog.test_run(opts), packet)
-    }
-
-    fn run_tc(&self, packet: &[u8]) -> (u32, Vec<u8>) {
-        let prog = self.datapath.as_ref().unwrap().tc_program().unwrap();
-        run(|opts| prog.test_run(opts), packet)
-    }
-
-    fn stat(&self, reason: u32) -> u64 {
-        reader::stats(&self.pin).unwrap()[stat::NAMES[reason as usize]]
-    }
-
-    /// Every counter that is not zero, by name.
-    fn nonzero_stats(&self) -> Vec<(&'static str, u64)> {
-        reader::stats(&self.pin)
-            .unwrap()
-            .into_iter()
-            .filter(|(_, v)| *v != 0)
-            .collect()
-    }
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        self.writer.take();
-        self.datapath.take();
-        let _ = std::fs::remove_dir_all(&self.pin);
-        // The shared parent goes when the last test leaves it (fails harmlessly before).
-        let _ = std::fs::remove_dir("/sys/fs/bpf/xlb-test");
-    }
-}
-
-fn run(
-    f: impl FnOnce(
-        TestRunOptions<'_>,
-    ) -> Result<aya::programs::TestRunResult, aya::programs::ProgramError>,
-    packet: &[u8],
-) -> (u32, Vec<u8>) {
-    let mut out = vec![0u8; packet.len() + 256];
-    let mut opts = TestRunOptions::new();
-    opts.data_in = Some(packet);
-    opts.data_out = Some(&mut out);
-    let result = f(opts).expect("BPF_PROG_TEST_RUN");
-    out.truncate(result.data_size_out as usize);
-    (result.return_value, out)
+    desired.frontends.insert(
+        ServiceKey::new(VIP, TCP_PORT, IPPROTO_TCP),
+        Frontend::new("default/empty:81/TCP", FrontendKind::ClusterIp, 0),
+    );
+    desired.frontends.insert(
+        ServiceKey::new(NODE_IP, NODE_PORT, IPPROTO_TCP),
+        Frontend::new(
+            "default/empty:81/TCP",
+            FrontendKind::NodePort,
+            SVC_F_EXTERNAL,
+        ),
+    );
+    desired.frontends.insert(
+        ServiceKey::new(VIP, UDP_PORT, IPPROTO_UDP),
+        Frontend::new("default/empty:54/UDP", FrontendKind::ClusterIp, 0),
+    );
+    fx.apply(&desired);
+    Some(fx)
 }
 
 /// What a test sends: a TCP segment.
@@ -368,7 +281,7 @@ fn check_port_unreachable(sent: &[u8], answer: &[u8]) {
 
 #[test]
 fn xdp_tcp_syn_to_service_without_endpoints_gets_rst() {
-    let Some(fx) = Fixture::new("xdp_tcp_syn_to_service_without_endpoints_gets_rst") else {
+    let Some(fx) = fixture("xdp_tcp_syn_to_service_without_endpoints_gets_rst") else {
         return;
     };
     // ClusterIP from a pod, and NodePort from outside with data on the SYN (TCP Fast Open):
@@ -401,8 +314,7 @@ fn xdp_tcp_syn_to_service_without_endpoints_gets_rst() {
 
 #[test]
 fn xdp_tcp_ack_segment_without_endpoints_gets_rst_with_its_ack_as_seq() {
-    let Some(fx) =
-        Fixture::new("xdp_tcp_ack_segment_without_endpoints_gets_rst_with_its_ack_as_seq")
+    let Some(fx) = fixture("xdp_tcp_ack_segment_without_endpoints_gets_rst_with_its_ack_as_seq")
     else {
         return;
     };
@@ -427,7 +339,7 @@ fn xdp_tcp_ack_segment_without_endpoints_gets_rst_with_its_ack_as_seq() {
 
 #[test]
 fn xdp_udp_to_service_without_endpoints_gets_icmp_port_unreachable() {
-    let Some(fx) = Fixture::new("xdp_udp_to_service_without_endpoints_gets_icmp_port_unreachable")
+    let Some(fx) = fixture("xdp_udp_to_service_without_endpoints_gets_icmp_port_unreachable")
     else {
         return;
     };
@@ -442,7 +354,7 @@ fn xdp_udp_to_service_without_endpoints_gets_icmp_port_unreachable() {
 
 #[test]
 fn xdp_rst_is_never_answered() {
-    let Some(fx) = Fixture::new("xdp_rst_is_never_answered") else {
+    let Some(fx) = fixture("xdp_rst_is_never_answered") else {
         return;
     };
     let rst = Segment {
@@ -466,7 +378,7 @@ fn xdp_rst_is_never_answered() {
 
 #[test]
 fn tc_tcp_and_udp_rejects() {
-    let Some(fx) = Fixture::new("tc_tcp_and_udp_rejects") else {
+    let Some(fx) = fixture("tc_tcp_and_udp_rejects") else {
         return;
     };
     // As in tests/datapath.rs: the TC tests run in a fresh network namespace. bpf_redirect
@@ -540,7 +452,7 @@ fn tc_tcp_and_udp_rejects() {
 
 #[test]
 fn xdp_ip_options_are_dropped_not_rejected() {
-    let Some(fx) = Fixture::new("xdp_ip_options_are_dropped_not_rejected") else {
+    let Some(fx) = fixture("xdp_ip_options_are_dropped_not_rejected") else {
         return;
     };
     for sent in [

@@ -1,0 +1,114 @@
+//! Shared by the BPF_PROG_TEST_RUN test files: the real programs loaded with their maps
+//! pinned under a per-test directory (removed on drop, also on panic), the datapath config of
+//! a node at 172.18.0.11 in cluster CIDR 10.244.0.0/16, and helpers to run packets and read
+//! the map side effects. Each test file seeds its own services through `apply`, which uses
+//! the agent's own map writer.
+#![allow(dead_code)] // each test file uses a different subset
+
+use std::{net::Ipv4Addr, path::PathBuf};
+
+use aya::programs::{TestRun, TestRunOptions, TestRunResult};
+use lb_common::{stat, DatapathConfig, CFG_F_READY};
+use xlb::{
+    datapath::{reader, Datapath, MapWriter},
+    model::DesiredState,
+    testbed::require_privileges,
+};
+
+/// The node address the fixture's datapath masquerades to.
+pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 11);
+
+pub struct Fixture {
+    datapath: Option<Datapath>,
+    writer: Option<MapWriter>,
+    pub pin: PathBuf,
+}
+
+impl Fixture {
+    /// `None` when the test may not run (no root, outside CI: it says so; under CI=true
+    /// `require_privileges` panics instead).
+    pub fn load(test: &str) -> Option<Self> {
+        if !require_privileges(test) {
+            return None;
+        }
+        let pin = PathBuf::from(format!(
+            "/sys/fs/bpf/xlb-test/{}-{test}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&pin);
+        let mut datapath = Datapath::load(&pin).expect("load datapath");
+        let mut writer = datapath.writer().expect("map writer");
+        writer
+            .write_config(&DatapathConfig {
+                cluster_cidr_addr: u32::from(Ipv4Addr::new(10, 244, 0, 0)).to_be(),
+                cluster_cidr_mask: (u32::MAX << 16).to_be(),
+                snat_addr: u32::from(NODE_IP).to_be(),
+                snat_port_min: 61000,
+                snat_port_max: 65535,
+                flags: CFG_F_READY,
+                _reserved: 0,
+                netns_cookie: 0,
+            })
+            .expect("config");
+        Some(Self {
+            datapath: Some(datapath),
+            writer: Some(writer),
+            pin,
+        })
+    }
+
+    pub fn apply(&mut self, desired: &DesiredState) {
+        self.writer.as_mut().unwrap().apply(desired).expect("apply");
+    }
+
+    pub fn run_xdp(&self, packet: &[u8]) -> (u32, Vec<u8>) {
+        let prog = self.datapath.as_ref().unwrap().xdp_program().unwrap();
+        run(|opts| prog.test_run(opts), packet)
+    }
+
+    pub fn run_tc(&self, packet: &[u8]) -> (u32, Vec<u8>) {
+        let prog = self.datapath.as_ref().unwrap().tc_program().unwrap();
+        run(|opts| prog.test_run(opts), packet)
+    }
+
+    pub fn stat(&self, reason: u32) -> u64 {
+        reader::stats(&self.pin).unwrap()[stat::NAMES[reason as usize]]
+    }
+
+    /// Every counter that is not zero, by name.
+    pub fn nonzero_stats(&self) -> Vec<(&'static str, u64)> {
+        reader::stats(&self.pin)
+            .unwrap()
+            .into_iter()
+            .filter(|(_, v)| *v != 0)
+            .collect()
+    }
+
+    pub fn conntrack(&self) -> Vec<reader::FlowRow> {
+        reader::conntrack(&self.pin).unwrap()
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        self.writer.take();
+        self.datapath.take();
+        let _ = std::fs::remove_dir_all(&self.pin);
+        // The shared parent goes when the last test leaves it (fails harmlessly before).
+        let _ = std::fs::remove_dir("/sys/fs/bpf/xlb-test");
+    }
+}
+
+/// One BPF_PROG_TEST_RUN: the verdict and the output packet.
+fn run(
+    f: impl FnOnce(TestRunOptions<'_>) -> Result<TestRunResult, aya::programs::ProgramError>,
+    packet: &[u8],
+) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; packet.len() + 256];
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(packet);
+    opts.data_out = Some(&mut out);
+    let result = f(opts).expect("BPF_PROG_TEST_RUN");
+    out.truncate(result.data_size_out as usize);
+    (result.return_value, out)
+}
