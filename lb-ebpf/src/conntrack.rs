@@ -10,7 +10,7 @@ use lb_common::{
 };
 
 use crate::{
-    lookup::{flow_hash, Choice},
+    lookup::Choice,
     maps::{CONNTRACK, MEMBERS},
 };
 
@@ -149,7 +149,7 @@ pub fn create(
         reply_key.daddr = cfg.snat_addr;
         let min = u32::from(cfg.snat_port_min);
         let range = u32::from(cfg.snat_port_max).saturating_sub(min) + 1;
-        let start = flow_hash(flow) % range;
+        let start = flow.hash() % range;
         let mut found = false;
         for i in 0..SNAT_TRIES {
             let port = (min + (start + i * 7919) % range) as u16;

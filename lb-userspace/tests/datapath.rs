@@ -507,21 +507,9 @@ fn xdp_session_affinity_keeps_a_client_on_one_backend_until_it_leaves() {
     }
 }
 
-/// The datapath's flow hash (lb-ebpf/src/lookup.rs), to predict the plain hash choice.
+/// The datapath's flow hash, to predict the plain hash choice.
 fn flow_hash(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> u32 {
-    fn fmix32(mut h: u32) -> u32 {
-        h ^= h >> 16;
-        h = h.wrapping_mul(0x85eb_ca6b);
-        h ^= h >> 13;
-        h = h.wrapping_mul(0xc2b2_ae35);
-        h ^= h >> 16;
-        h
-    }
-    let (saddr, daddr) = (u32::from(src).to_be(), u32::from(dst).to_be());
-    let ports = (u32::from(sport.to_be()) << 16) | u32::from(dport.to_be());
-    let h = fmix32(saddr ^ 0x9e37_79b9);
-    let h = fmix32(h ^ daddr);
-    fmix32(h ^ ports ^ u32::from(IPPROTO_TCP))
+    lb_common::FlowKey::new(src, sport, dst, dport, IPPROTO_TCP).hash()
 }
 
 #[test]

@@ -24,6 +24,30 @@ fn xlb_bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_xlb"))
 }
 
+/// Runs `xlb ARGS --pin-path PIN` (services, conntrack, stats) and returns its output,
+/// which must be a success.
+fn xlb(args: &[&str], pin: &Path) -> String {
+    let out = std::process::Command::new(xlb_bin())
+        .args(args)
+        .arg("--pin-path")
+        .arg(pin)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "xlb {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The same, with `-o json`, parsed.
+fn xlb_json(args: &[&str], pin: &Path) -> serde_json::Value {
+    let mut args = args.to_vec();
+    args.extend(["-o", "json"]);
+    serde_json::from_str(&xlb(&args, pin)).unwrap()
+}
+
 impl Cluster {
     /// The default testbed with servers in every pod, the example Service applied, and an
     /// agent on each node.
@@ -62,23 +86,25 @@ impl Cluster {
 
     /// Rewrites the example with only `pods` as endpoints.
     fn set_endpoints(&self, pods: &[&str]) {
-        let mut docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(EXAMPLE)
-            .map(|d| serde::Deserialize::deserialize(d).unwrap())
-            .collect();
-        for doc in &mut docs {
-            if doc["kind"] == "EndpointSlice" {
-                let endpoints = doc["endpoints"].as_sequence_mut().unwrap();
-                endpoints.retain(|e| pods.contains(&e["targetRef"]["name"].as_str().unwrap()));
-            }
-        }
-        let text: Vec<String> = docs
-            .iter()
-            .map(|d| serde_yaml::to_string(d).unwrap())
-            .collect();
-        // Write aside and rename: the agent never reads a half-written file.
-        let tmp = self.manifests.join(".web.yaml.tmp");
-        std::fs::write(&tmp, text.join("---\n")).unwrap();
-        std::fs::rename(&tmp, self.manifests.join("web.yaml")).unwrap();
+        self.edit_manifest(|docs| {
+            let endpoints = docs[1]["endpoints"].as_sequence_mut().unwrap();
+            endpoints.retain(|e| pods.contains(&e["targetRef"]["name"].as_str().unwrap()));
+        });
+    }
+
+    /// A kept-alive connection from `netns` to the ClusterIP, and the pod that answered its
+    /// first request.
+    fn established(&self, netns: &str) -> (xlb::testbed::PersistentClient, String) {
+        let mut connection = self
+            .tb
+            .open_persistent_http(netns, VIP, 80)
+            .expect("connect");
+        let first = connection
+            .request()
+            .expect("first request")
+            .trim()
+            .to_string();
+        (connection, first)
     }
 
     fn logs(&self) -> String {
@@ -164,14 +190,7 @@ fn removed_endpoint_gets_no_new_connections_within_2s_and_established_ones_conti
         return;
     };
     let client = c.netns("pod-c");
-    let mut established =
-        c.tb.open_persistent_http(&client, VIP, 80)
-            .expect("connect");
-    let kept = established
-        .request()
-        .expect("first request")
-        .trim()
-        .to_string();
+    let (mut established, kept) = c.established(&client);
     let removed = ALL_PODS.iter().find(|p| **p != kept).unwrap().to_string();
     let remaining: Vec<&str> = ALL_PODS.iter().copied().filter(|p| *p != removed).collect();
 
@@ -232,17 +251,7 @@ fn services_and_conntrack_commands_show_the_programmed_datapath() {
         return;
     };
     let pin = c.tb.node("node1").pin_path.clone();
-    let out = std::process::Command::new(xlb_bin())
-        .args(["services", "-o", "json", "--pin-path"])
-        .arg(&pin)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = xlb_json(&["services"], &pin);
     let frontends: BTreeSet<String> = rows
         .as_array()
         .unwrap()
@@ -265,12 +274,7 @@ fn services_and_conntrack_commands_show_the_programmed_datapath() {
     // One request through node1 leaves a tracked flow that `xlb conntrack` shows.
     let ns = c.netns("pod-b");
     c.tb.http_get(&ns, VIP, 80).expect("request");
-    let out = std::process::Command::new(xlb_bin())
-        .args(["conntrack", "-o", "json", "--pin-path"])
-        .arg(&pin)
-        .output()
-        .unwrap();
-    let flows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let flows = xlb_json(&["conntrack"], &pin);
     assert!(
         flows
             .as_array()
@@ -282,17 +286,7 @@ fn services_and_conntrack_commands_show_the_programmed_datapath() {
     // The maps stay pinned when the agent stops: the commands still read them.
     let mut c = c;
     c.tb.stop_agent("node1").expect("stop agent");
-    let out = std::process::Command::new(xlb_bin())
-        .args(["services", "--pin-path"])
-        .arg(&pin)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let table = String::from_utf8_lossy(&out.stdout);
+    let table = xlb(&["services"], &pin);
     assert!(table.starts_with("FRONTEND"), "{table}");
     assert!(
         table.contains("10.96.0.10:80/TCP") && table.contains("default/web:http/TCP"),
@@ -436,18 +430,13 @@ fn external_ip_and_load_balancer_ip_work_from_outside_and_from_pods() {
     };
     let external_ip = Ipv4Addr::new(203, 0, 113, 10);
     let lb_ip = Ipv4Addr::new(203, 0, 113, 20);
-    let mut docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(EXAMPLE)
-        .map(|d| serde::Deserialize::deserialize(d).unwrap())
-        .collect();
-    docs[0]["spec"]["externalIPs"] = serde_yaml::from_str(&format!("[{external_ip}]")).unwrap();
-    docs[0]["spec"]["type"] = "LoadBalancer".into();
-    docs[0]["status"] =
-        serde_yaml::from_str(&format!("{{loadBalancer: {{ingress: [{{ip: {lb_ip}}}]}}}}")).unwrap();
-    let text: Vec<String> = docs
-        .iter()
-        .map(|d| serde_yaml::to_string(d).unwrap())
-        .collect();
-    c.write_manifest(&text.join("---\n"));
+    c.edit_manifest(|docs| {
+        docs[0]["spec"]["externalIPs"] = serde_yaml::from_str(&format!("[{external_ip}]")).unwrap();
+        docs[0]["spec"]["type"] = "LoadBalancer".into();
+        docs[0]["status"] =
+            serde_yaml::from_str(&format!("{{loadBalancer: {{ingress: [{{ip: {lb_ip}}}]}}}}"))
+                .unwrap();
+    });
     // The network routes these addresses to node2 (neither is assigned to any node).
     let ext = c.tb.external().netns.clone();
     let node2 = c.tb.node("node2").ip.to_string();
@@ -487,14 +476,7 @@ fn s32_agents_killed_and_restarted_three_times_break_no_connection() {
         return;
     };
     let client = c.netns("pod-c");
-    let mut established =
-        c.tb.open_persistent_http(&client, VIP, 80)
-            .expect("connect");
-    let kept = established
-        .request()
-        .expect("first request")
-        .trim()
-        .to_string();
+    let (mut established, kept) = c.established(&client);
 
     // New connections through the VIP, back to back, for the whole test, from another pod.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -837,10 +819,7 @@ fn s27_established_connection_to_a_terminating_endpoint_keeps_working() {
         return;
     };
     let client = c.netns("pod-c");
-    let mut established =
-        c.tb.open_persistent_http(&client, VIP, 80)
-            .expect("connect");
-    let kept = established.request().unwrap().trim().to_string();
+    let (mut established, kept) = c.established(&client);
     c.edit_manifest(|docs| {
         for e in docs[1]["endpoints"].as_sequence_mut().unwrap() {
             if e["targetRef"]["name"] == kept.as_str() {
@@ -917,14 +896,7 @@ spec:
         Err(std::io::ErrorKind::ConnectionRefused)
     );
     refused(c.tb.udp_request(&ext, Ipv4Addr::new(172, 18, 0, 11), 30091));
-    let stats = |node: &str| {
-        let out = std::process::Command::new(xlb_bin())
-            .args(["stats", "-o", "json", "--pin-path"])
-            .arg(&c.tb.node(node).pin_path)
-            .output()
-            .unwrap();
-        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
-    };
+    let stats = |node: &str| xlb_json(&["stats"], &c.tb.node(node).pin_path);
     assert!(stats("node2")["reject_tcp_reset"].as_u64().unwrap() >= 1);
     assert!(stats("node2")["reject_icmp_unreachable"].as_u64().unwrap() >= 1);
     assert!(stats("node1")["reject_tcp_reset"].as_u64().unwrap() >= 1);

@@ -103,7 +103,7 @@ mod tests {
     }
 
     /// 100 000 synthetic flows (pseudo-random clients and ports), hashed as the datapath
-    /// hashes them (lb-ebpf flow_hash).
+    /// hashes them (`FlowKey::hash`).
     fn flow_hashes() -> Vec<u32> {
         let mut state = 0x2545_f491_4f6c_dd1du64;
         let mut random = move || {
@@ -115,22 +115,9 @@ mod tests {
         (0..100_000u32)
             .map(|_| {
                 let r = random();
-                let saddr = u32::from(Ipv4Addr::new(10, 244, r as u8, (r >> 8) as u8)).to_be();
-                let daddr = u32::from(Ipv4Addr::new(10, 96, 0, 10)).to_be();
-                let (sport, dport) = (
-                    u32::from((random() as u16).to_be()),
-                    u32::from(80u16.to_be()),
-                );
-                let fmix32 = |mut h: u32| {
-                    h ^= h >> 16;
-                    h = h.wrapping_mul(0x85eb_ca6b);
-                    h ^= h >> 13;
-                    h = h.wrapping_mul(0xc2b2_ae35);
-                    h ^ (h >> 16)
-                };
-                let h = fmix32(saddr ^ 0x9e37_79b9);
-                let h = fmix32(h ^ daddr);
-                fmix32(h ^ ((sport << 16) | dport) ^ 6)
+                let client = Ipv4Addr::new(10, 244, r as u8, (r >> 8) as u8);
+                let port = random() as u16;
+                lb_common::FlowKey::new(client, port, Ipv4Addr::new(10, 96, 0, 10), 80, 6).hash()
             })
             .collect()
     }
