@@ -11,14 +11,14 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use lb_common::{DatapathConfig, CFG_F_READY};
-use tokio::{signal::unix::SignalKind, sync::watch};
+use tokio::signal::unix::SignalKind;
 use tracing::{error, info, warn};
 
 use crate::{
     datapath::{Datapath, MapWriter, UplinkMode},
     http::{self, HealthCheck, HealthState},
-    model::{desired_state, ClusterState, Ipv4Cidr, NodeContext},
-    source::{kubernetes, manifests},
+    model::{ClusterView, Ipv4Cidr, NodeContext, StateDelta},
+    source::{kubernetes, manifests, SourceUpdate},
 };
 
 /// Everything `xlb run` needs, already validated by the CLI.
@@ -170,7 +170,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let health = Arc::new(HealthState::new());
     serve_http(&cfg, &health);
 
-    let (tx, mut rx) = watch::channel(Arc::new(ClusterState::default()));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let source = match &cfg.manifests {
         Some(dir) => {
             info!(dir = %dir.display(), "standalone mode: watching manifests");
@@ -191,19 +191,30 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let mut rescan = tokio::time::interval(Duration::from_secs(1));
     let mut reported = BTreeSet::new();
     let mut ready = false;
+    let mut view = ClusterView::new(node.clone());
+    // The first apply compares everything (the adopted maps may hold anything), and so
+    // does the one after a failure; the others look only at what changed.
+    let mut full_apply = true;
     loop {
         tokio::select! {
-            changed = rx.changed() => {
-                if changed.is_err() {
+            update = rx.recv() => {
+                let Some(update) = update else {
                     // The source ended: surface its error.
                     match source.await {
                         Ok(Ok(())) => bail!("state source stopped"),
                         Ok(Err(e)) => return Err(e.context("state source failed")),
                         Err(e) => bail!("state source panicked: {e}"),
                     }
+                };
+                let started = Instant::now();
+                let mut delta = update_view(&mut view, update);
+                // Whatever else is queued goes into the same apply.
+                while let Ok(update) = rx.try_recv() {
+                    delta.merge(update_view(&mut view, update));
                 }
-                let state = rx.borrow_and_update().clone();
-                if apply(&state, &node, &mut writer, &mut reported, &health) && !ready {
+                let applied = apply(&view, &delta, full_apply, &mut writer, &mut reported, &health, started);
+                full_apply = !applied;
+                if applied && !ready {
                     ready = true;
                     health.set_ready(true);
                     if let Some(path) = &cfg.ready_file {
@@ -229,17 +240,26 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     Ok(())
 }
 
-/// Computes and applies one state. Returns whether the maps now hold it.
+fn update_view(view: &mut ClusterView, update: SourceUpdate) -> StateDelta {
+    match update {
+        SourceUpdate::Snapshot(cluster) => view.replace_all(&cluster),
+        SourceUpdate::Changes(changes) => view.apply(changes),
+    }
+}
+
+/// Applies the view's state to the maps: everything when `full`, else what `delta`
+/// names. Returns whether the maps now hold the state.
 fn apply(
-    state: &ClusterState,
-    node: &NodeContext,
+    view: &ClusterView,
+    delta: &StateDelta,
+    full: bool,
     writer: &mut MapWriter,
     reported: &mut BTreeSet<String>,
     health: &HealthState,
+    started: Instant,
 ) -> bool {
-    let started = Instant::now();
-    let (desired, problems) = desired_state(state, node);
-    for problem in problems {
+    let desired = view.state();
+    for problem in &delta.problems {
         // Report each problem once, not on every change elsewhere.
         if reported.insert(problem.to_string()) {
             warn!(
@@ -249,22 +269,28 @@ fn apply(
             );
         }
     }
-    health.set_health_check_ports(
-        desired
-            .health_checks
-            .iter()
-            .map(|(port, hc)| {
-                (
-                    *port,
-                    HealthCheck {
-                        service: hc.service.clone(),
-                        local_endpoints: hc.local_endpoints,
-                    },
-                )
-            })
-            .collect(),
-    );
-    let result = writer.apply(&desired);
+    if full || delta.health_checks {
+        health.set_health_check_ports(
+            desired
+                .health_checks
+                .iter()
+                .map(|(port, hc)| {
+                    (
+                        *port,
+                        HealthCheck {
+                            service: hc.service.clone(),
+                            local_endpoints: hc.local_endpoints,
+                        },
+                    )
+                })
+                .collect(),
+        );
+    }
+    let result = if full {
+        writer.apply(desired)
+    } else {
+        writer.apply_delta(desired, delta)
+    };
     health.record_apply(
         result.is_ok(),
         started.elapsed(),
@@ -278,6 +304,7 @@ fn apply(
                 info!(
                     frontends = desired.frontends.len(),
                     backend_sets = desired.backend_sets.len(),
+                    services_planned = delta.services_planned,
                     ?stats,
                     elapsed_us = started.elapsed().as_micros() as u64,
                     "datapath updated"

@@ -23,7 +23,10 @@ use tokio::{
     sync::{mpsc, watch},
     task::JoinHandle,
 };
-use xlb::{model::ClusterState, source::kubernetes};
+use xlb::{
+    model::ClusterState,
+    source::{kubernetes, SourceUpdate},
+};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -741,25 +744,45 @@ fn cluster_ip(state: &ClusterState, name: &str) -> Option<String> {
         .and_then(|s| s.spec.as_ref()?.cluster_ip.clone())
 }
 
-/// The source under test, running against `fake`.
+/// The source under test, running against `fake`. Its updates are folded into `state`,
+/// the cluster as the source has described it so far.
 struct Source {
-    rx: watch::Receiver<Arc<ClusterState>>,
+    rx: mpsc::UnboundedReceiver<SourceUpdate>,
     task: JoinHandle<anyhow::Result<()>>,
+    state: ClusterState,
+    /// Every update received, in order: "snapshot" or "changes".
+    kinds: Vec<&'static str>,
 }
 
 impl Source {
     fn start(fake: &Fake) -> Source {
         init_logging();
-        let (tx, rx) = watch::channel(Arc::new(ClusterState::default()));
+        let (tx, rx) = mpsc::unbounded_channel();
         let task = tokio::spawn(kubernetes::watch(fake.client(), tx));
-        Source { rx, task }
+        Source {
+            rx,
+            task,
+            state: ClusterState::default(),
+            kinds: Vec::new(),
+        }
     }
 
-    /// Waits (bounded) for the next published state.
-    async fn next(&mut self, fake: &Fake) -> Arc<ClusterState> {
-        match tokio::time::timeout(WAIT, self.rx.changed()).await {
-            Ok(Ok(())) => self.rx.borrow_and_update().clone(),
-            Ok(Err(_)) => panic!("the source stopped: {:?}", self.stop_error().await),
+    fn fold(&mut self, update: SourceUpdate) {
+        self.kinds.push(match &update {
+            SourceUpdate::Snapshot(_) => "snapshot",
+            SourceUpdate::Changes(_) => "changes",
+        });
+        update.apply_to(&mut self.state);
+    }
+
+    /// Waits (bounded) for the next update; returns the state after it.
+    async fn next(&mut self, fake: &Fake) -> ClusterState {
+        match tokio::time::timeout(WAIT, self.rx.recv()).await {
+            Ok(Some(update)) => {
+                self.fold(update);
+                self.state.clone()
+            }
+            Ok(None) => panic!("the source stopped: {:?}", self.stop_error().await),
             Err(_) => panic!(
                 "nothing published within {WAIT:?}; requests so far:\n{}",
                 fake.request_log()
@@ -767,25 +790,24 @@ impl Source {
         }
     }
 
-    /// Waits (bounded) until the published state satisfies `condition`.
+    /// Waits (bounded) until the state satisfies `condition`.
     async fn wait_until(
         &mut self,
         fake: &Fake,
         what: &str,
         condition: impl Fn(&ClusterState) -> bool,
-    ) -> Arc<ClusterState> {
+    ) -> ClusterState {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            let state = self.rx.borrow_and_update().clone();
-            if condition(&state) {
-                return state;
+            if condition(&self.state) {
+                return self.state.clone();
             }
-            match tokio::time::timeout_at(deadline, self.rx.changed()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => panic!("the source stopped: {:?}", self.stop_error().await),
+            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(Some(update)) => self.fold(update),
+                Ok(None) => panic!("the source stopped: {:?}", self.stop_error().await),
                 Err(_) => panic!(
-                    "timed out waiting for {what}; last published: {:?}\nrequests so far:\n{}",
-                    names(&state),
+                    "timed out waiting for {what}; last state: {:?}\nrequests so far:\n{}",
+                    names(&self.state),
                     fake.request_log()
                 ),
             }
@@ -847,13 +869,9 @@ async fn initial_list_is_published_whole() {
     })
     .await;
     assert_eq!(fake.lists_served(Kind::Node), 0);
-    assert!(
-        tokio::time::timeout(Duration::from_millis(500), source.rx.changed())
-            .await
-            .is_err(),
-        "published before the node list completed: {:?}",
-        names(&source.rx.borrow())
-    );
+    if let Ok(update) = tokio::time::timeout(Duration::from_millis(500), source.rx.recv()).await {
+        panic!("published before the node list completed: {update:?}");
+    }
 
     fake.release_lists(Kind::Node);
     let state = source.next(&fake).await;
@@ -935,10 +953,17 @@ async fn watch_events_update_the_state() {
     );
     assert_eq!(cluster_ip(&state, "web").as_deref(), Some("10.96.0.11"));
 
-    // All of it came through the watches: no re-list.
+    // All of it came through the watches: no re-list, and after the first snapshot only
+    // the changes were published.
     for kind in Kind::ALL {
         assert_eq!(fake.lists_served(kind), 1, "{kind:?} re-listed");
     }
+    assert_eq!(source.kinds[0], "snapshot");
+    assert!(
+        source.kinds[1..].iter().all(|k| *k == "changes"),
+        "{:?}",
+        source.kinds
+    );
     fake.assert_no_unexpected_requests();
     source.stop().await;
 }
@@ -986,6 +1011,11 @@ async fn gone_410_forces_a_relist_that_drops_stale_objects() {
     );
     assert_eq!(fake.lists_served(Kind::EndpointSlice), 2);
     assert_eq!(fake.lists_served(Kind::Service), 1);
+    assert_eq!(
+        source.kinds.last(),
+        Some(&"snapshot"),
+        "a re-list is published whole, so whatever it lost is deleted downstream"
+    );
 
     // And the new watch works.
     fake.wait_for("slice watch re-opened", |fake| {

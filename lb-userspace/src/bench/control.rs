@@ -22,7 +22,7 @@ use super::{
 };
 use crate::{
     datapath::{reader, Datapath},
-    model::desired_state,
+    model::{ClusterView, ObjectChange},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -385,7 +385,8 @@ pub struct LatencyConfig {
 }
 
 /// The path from a changed EndpointSlice to the datapath serving it, without the source:
-/// `model::desired_state` over the whole cluster, then `MapWriter::apply`.
+/// the agent's `ClusterView` re-plans the one service, then `MapWriter::apply_delta`
+/// writes what changed.
 #[derive(Clone, Debug, Serialize)]
 pub struct LatencyResults {
     pub config: LatencyConfig,
@@ -446,16 +447,17 @@ pub fn latency(cfg: &LatencyConfig) -> Result<LatencyResults> {
     let mut writer = datapath.writer()?;
     writer.write_config(&synth::datapath_config())?;
     let started = Instant::now();
-    let (desired, problems) = desired_state(&cluster, &node);
+    let mut view = ClusterView::new(node);
+    let cold = view.replace_all(&cluster);
     let cold_compute_s = started.elapsed().as_secs_f64();
     ensure!(
-        problems.is_empty(),
-        "synthetic cluster has problems: {problems:?}"
+        cold.problems.is_empty(),
+        "synthetic cluster has problems: {:?}",
+        cold.problems
     );
     let started = Instant::now();
-    writer.apply(&desired)?;
+    writer.apply(view.state())?;
     let cold_apply_s = started.elapsed().as_secs_f64();
-    drop(desired);
     let (rss_programmed_kib, _) = sys::process_memory(None)?;
     say(format!(
         "latency: {} services programmed (compute {cold_compute_s:.2} s, apply {cold_apply_s:.2} s); \
@@ -481,12 +483,13 @@ pub fn latency(cfg: &LatencyConfig) -> Result<LatencyResults> {
             .as_mut()
             .context("synthetic slice without endpoints")?;
         endpoints[endpoint].addresses = vec![synth::replacement_ip(c).to_string()];
+        // What the watch delivers: the changed slice, already decoded.
+        let event = ObjectChange::EndpointSlice(Box::new(cluster.endpoint_slices[slice].clone()));
         let t0 = Instant::now();
-        let (desired, _) = desired_state(&cluster, &node);
+        let delta = view.apply([event]);
         let t1 = Instant::now();
-        let applied = writer.apply(&desired)?;
+        let applied = writer.apply_delta(view.state(), &delta)?;
         let t2 = Instant::now();
-        drop(desired);
         ensure!(
             applied.sets_updated == 1 && applied.sets_created == 0 && applied.sets_deleted == 0,
             "change {c} was not exactly one backend-set update: {applied:?}"

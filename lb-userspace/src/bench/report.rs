@@ -790,11 +790,13 @@ fn control_section(o: &mut String, r: &BenchResults, plots: &[&str]) {
                 "{} services of {} endpoints loaded; then {} times: one endpoint address of a \
                  random EndpointSlice changes (a pod replaced), and the time is taken from the \
                  changed objects to the maps holding the new backend set: \
-                 `model::desired_state` over the whole cluster, then `MapWriter::apply` (every \
-                 change checked to update exactly one backend set; median {} map operations). \
-                 Not included: how the agent learns of the change. In manifest mode it polls \
-                 the directory every 250 ms and re-parses the changed file; in API mode a watch \
-                 event arrives. Percentiles are nearest-rank (observed values).\n",
+                 the agent's `ClusterView` re-plans the services the changed slice belongs \
+                 to, then `MapWriter::apply_delta` writes the frontends and sets it names \
+                 (every change checked to update exactly one backend set; median {} map \
+                 operations). Not included: how the agent learns of the change (in API mode a \
+                 watch event, published at once when none was in the last 100 ms; in manifest \
+                 mode a 250 ms poll and a whole-directory snapshot). Percentiles are \
+                 nearest-rank (observed values).\n",
                 count(l.config.services),
                 l.config.endpoints,
                 count(l.config.changes),
@@ -803,8 +805,8 @@ fn control_section(o: &mut String, r: &BenchResults, plots: &[&str]) {
             let _ = writeln!(o, "| ms | p50 | p90 | p99 | max |\n|---|---|---|---|---|");
             for (label, p) in [
                 ("compute + apply", &l.total),
-                ("model::desired_state", &l.compute),
-                ("MapWriter::apply", &l.apply),
+                ("ClusterView::apply", &l.compute),
+                ("MapWriter::apply_delta", &l.apply),
             ] {
                 if let Some(p) = p {
                     let _ = writeln!(
@@ -995,19 +997,9 @@ fn falls_short_section(o: &mut String, r: &BenchResults, goals: &[Goal]) {
                     o,
                     "- **An endpoint change takes {} at p99 with {} services** (p50 {}; goal \
                      {LATENCY_GOAL_MS} ms), although it changes one backend set, {} map \
-                     operations. `model::desired_state` is {} of it at p50 ({} at p99): it \
-                     recomputes every service and backend set from all Services and \
-                     EndpointSlices on every change, O(services). `MapWriter::apply` is {} at \
-                     p50 ({} at p99): to find the one changed set it walks and compares the \
-                     complete desired state with its mirror, O(services). A perf profile taken \
-                     while writing this bench (40 changes at 50 000 services) put two thirds \
-                     of the time in `desired_state` (re-parsing every endpoint address, sorting \
-                     and grouping every slice, formatting every set name, building the maps, \
-                     allocating) and a quarter in `apply` (string-key comparisons, and a clone \
-                     of every installed set on every call: `self.sets.get(name).cloned()`). \
-                     The fix is incremental: recompute only the services whose objects \
-                     changed and hand the writer that delta; the map work per change is \
-                     already constant.\n",
+                     operations. `ClusterView::apply` (re-planning the changed service) is {} \
+                     of it at p50 ({} at p99) and `MapWriter::apply_delta` {} at p50 ({} at \
+                     p99).\n",
                     ms(t.p99),
                     count(l.config.services),
                     ms(t.p50),

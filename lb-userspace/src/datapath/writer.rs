@@ -21,7 +21,7 @@ use lb_common::{
 };
 use tracing::warn;
 
-use crate::model::{BackendSetName, DesiredState, Ipv4Cidr};
+use crate::model::{BackendSetName, DesiredState, Ipv4Cidr, StateDelta};
 
 /// A backend set as installed in the maps.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -224,11 +224,48 @@ impl MapWriter {
     }
 
     /// Makes the maps hold `desired`, touching only what differs from what they hold now.
+    /// Compares every frontend and set: use it for the first apply (after adoption) and
+    /// after a failed one; [`apply_delta`](Self::apply_delta) otherwise.
     pub fn apply(&mut self, desired: &DesiredState) -> Result<ApplyStats> {
+        let sets: BTreeSet<BackendSetName> = desired
+            .backend_sets
+            .keys()
+            .chain(self.sets.keys())
+            .cloned()
+            .collect();
+        let frontends: BTreeSet<ServiceKey> = desired
+            .frontends
+            .keys()
+            .chain(self.frontends.keys())
+            .copied()
+            .collect();
+        self.apply_keys(desired, &sets, &frontends)
+    }
+
+    /// Like [`apply`](Self::apply), but looks only at the frontends and sets `delta`
+    /// names: the cost of an update is proportional to what changed, not to the number
+    /// of services. `desired` must be the state `delta` was computed into.
+    pub fn apply_delta(
+        &mut self,
+        desired: &DesiredState,
+        delta: &StateDelta,
+    ) -> Result<ApplyStats> {
+        self.apply_keys(desired, &delta.backend_sets, &delta.frontends)
+    }
+
+    fn apply_keys(
+        &mut self,
+        desired: &DesiredState,
+        set_names: &BTreeSet<BackendSetName>,
+        frontend_keys: &BTreeSet<ServiceKey>,
+    ) -> Result<ApplyStats> {
         let mut stats = ApplyStats::default();
 
         // 1. Backend sets: new ones, and new generations of changed ones.
-        for (name, backends) in &desired.backend_sets {
+        for (name, backends) in set_names
+            .iter()
+            .filter_map(|name| desired.backend_sets.get_key_value(name))
+        {
             match self.sets.get(name).cloned() {
                 None => {
                     let id = self.alloc_id();
@@ -323,19 +360,28 @@ impl MapWriter {
         }
 
         // 2. Source ranges before the frontends that check them, then the frontends.
-        let desired_ranges: BTreeSet<(ServiceKey, Ipv4Cidr)> = desired
-            .frontends
+        let desired_ranges: BTreeSet<(ServiceKey, Ipv4Cidr)> = frontend_keys
             .iter()
+            .filter_map(|key| desired.frontends.get_key_value(key))
             .flat_map(|(key, f)| f.source_ranges.iter().map(move |cidr| (*key, *cidr)))
             .collect();
-        for (key, cidr) in desired_ranges.difference(&self.ranges.clone()) {
+        let installed_ranges: BTreeSet<(ServiceKey, Ipv4Cidr)> = self
+            .ranges
+            .iter()
+            .filter(|(key, _)| frontend_keys.contains(key))
+            .copied()
+            .collect();
+        for (key, cidr) in desired_ranges.difference(&installed_ranges) {
             self.source_ranges
                 .insert(&range_key(key, cidr), 0, 0)
                 .context("writing source range")?;
             self.ranges.insert((*key, *cidr));
             stats.map_ops += 1;
         }
-        for (key, frontend) in &desired.frontends {
+        for (key, frontend) in frontend_keys
+            .iter()
+            .filter_map(|key| desired.frontends.get_key_value(key))
+        {
             let Some(set) = self.sets.get(&frontend.backend_set) else {
                 warn!(
                     set = frontend.backend_set.as_str(),
@@ -365,10 +411,9 @@ impl MapWriter {
         }
 
         // 3. Frontends that are gone, before the sets they point at.
-        let gone: Vec<ServiceKey> = self
-            .frontends
-            .keys()
-            .filter(|k| !desired.frontends.contains_key(k))
+        let gone: Vec<ServiceKey> = frontend_keys
+            .iter()
+            .filter(|k| self.frontends.contains_key(k) && !desired.frontends.contains_key(k))
             .copied()
             .collect();
         for key in gone {
@@ -378,7 +423,7 @@ impl MapWriter {
             stats.frontends_deleted += 1;
         }
 
-        for (key, cidr) in self.ranges.clone().difference(&desired_ranges) {
+        for (key, cidr) in installed_ranges.difference(&desired_ranges) {
             match self.source_ranges.remove(&range_key(key, cidr)) {
                 Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
                 Err(e) => warn!(error = %e, "source range delete failed"),
@@ -388,10 +433,9 @@ impl MapWriter {
         }
 
         // 4. Sets that are gone.
-        let gone: Vec<BackendSetName> = self
-            .sets
-            .keys()
-            .filter(|n| !desired.backend_sets.contains_key(*n))
+        let gone: Vec<BackendSetName> = set_names
+            .iter()
+            .filter(|n| self.sets.contains_key(*n) && !desired.backend_sets.contains_key(*n))
             .cloned()
             .collect();
         for name in gone {

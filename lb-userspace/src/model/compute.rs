@@ -85,10 +85,10 @@ pub fn desired_state(
 
 /// What one service contributes: its backend sets and the frontends pointing at them.
 #[derive(Default)]
-struct ServicePlan {
-    backend_sets: Vec<(BackendSetName, Vec<Backend>)>,
-    frontends: Vec<(ServiceKey, Frontend)>,
-    health_check: Option<(u16, HealthCheckPort)>,
+pub(super) struct ServicePlan {
+    pub(super) backend_sets: Vec<(BackendSetName, Vec<Backend>)>,
+    pub(super) frontends: Vec<(ServiceKey, Frontend)>,
+    pub(super) health_check: Option<(u16, HealthCheckPort)>,
 }
 
 /// The zone of this node, from its Node object's `topology.kubernetes.io/zone` label.
@@ -156,7 +156,7 @@ fn policies(spec: &ServiceSpec, report: &mut Reporter<'_, '_>) -> Policies {
 
 /// The datapath state of one service, or `None` when the service gets none (ExternalName,
 /// headless, IPv6-only, or handled by another proxy).
-fn plan_service(
+pub(super) fn plan_service(
     service: &Service,
     id: ObjectId<'_>,
     slices: &[&EndpointSlice],
@@ -513,25 +513,28 @@ fn group_slices_by_service(
 ) -> BTreeMap<ObjectId<'_>, Vec<&EndpointSlice>> {
     let mut by_service: BTreeMap<ObjectId<'_>, Vec<&EndpointSlice>> = BTreeMap::new();
     for slice in sorted_by_id(slices, |s| &s.metadata) {
-        // IPv6 and FQDN slices have nothing for an IPv4 datapath.
-        if slice.address_type != "IPv4" || is_for_another_proxy(&slice.metadata) {
-            continue;
+        if let Some(service) = slice_service(slice) {
+            by_service.entry(service).or_default().push(slice);
         }
-        let Some(service_name) = slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|labels| labels.get(LABEL_SERVICE_NAME))
-        else {
-            continue;
-        };
-        let service = ObjectId {
-            namespace: ObjectId::of(&slice.metadata).namespace,
-            name: service_name,
-        };
-        by_service.entry(service).or_default().push(slice);
     }
     by_service
+}
+
+/// The service a slice may give backends to, or `None` when it has nothing for this
+/// datapath (IPv6 or FQDN addresses, another proxy's, no service label).
+pub(super) fn slice_service(slice: &EndpointSlice) -> Option<ObjectId<'_>> {
+    if slice.address_type != "IPv4" || is_for_another_proxy(&slice.metadata) {
+        return None;
+    }
+    let name = slice
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|labels| labels.get(LABEL_SERVICE_NAME))?;
+    Some(ObjectId {
+        namespace: ObjectId::of(&slice.metadata).namespace,
+        name,
+    })
 }
 
 fn slice_view<'a>(slice: &'a EndpointSlice, problems: &mut Vec<ObjectProblem>) -> SliceView<'a> {
@@ -763,13 +766,13 @@ impl Protocol {
 /// `namespace/name` of an object. Objects without a namespace are in `default`, where
 /// kubectl would have put them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-struct ObjectId<'a> {
-    namespace: &'a str,
-    name: &'a str,
+pub(super) struct ObjectId<'a> {
+    pub(super) namespace: &'a str,
+    pub(super) name: &'a str,
 }
 
 impl<'a> ObjectId<'a> {
-    fn of(meta: &'a ObjectMeta) -> Self {
+    pub(super) fn of(meta: &'a ObjectMeta) -> Self {
         Self {
             namespace: meta
                 .namespace
@@ -788,18 +791,22 @@ impl fmt::Display for ObjectId<'_> {
 }
 
 /// Collects problems about one object.
-struct Reporter<'p, 'id> {
+pub(super) struct Reporter<'p, 'id> {
     problems: &'p mut Vec<ObjectProblem>,
     kind: &'static str,
     id: ObjectId<'id>,
 }
 
 impl<'p, 'id> Reporter<'p, 'id> {
-    fn new(problems: &'p mut Vec<ObjectProblem>, kind: &'static str, id: ObjectId<'id>) -> Self {
+    pub(super) fn new(
+        problems: &'p mut Vec<ObjectProblem>,
+        kind: &'static str,
+        id: ObjectId<'id>,
+    ) -> Self {
         Self { problems, kind, id }
     }
 
-    fn problem(&mut self, reason: String) {
+    pub(super) fn problem(&mut self, reason: String) {
         self.problems.push(ObjectProblem {
             object: format!("{} {}", self.kind, self.id),
             reason,
@@ -809,7 +816,10 @@ impl<'p, 'id> Reporter<'p, 'id> {
 
 /// `objects` in namespace/name order. Two objects with the same name (e.g. the same
 /// manifest in two files) are ordered by content, so no order of the input leaks out.
-fn sorted_by_id<T: serde::Serialize>(objects: &[T], meta: fn(&T) -> &ObjectMeta) -> Vec<&T> {
+pub(super) fn sorted_by_id<T: serde::Serialize>(
+    objects: &[T],
+    meta: fn(&T) -> &ObjectMeta,
+) -> Vec<&T> {
     let mut sorted: Vec<&T> = objects.iter().collect();
     sorted.sort_by(|a, b| {
         ObjectId::of(meta(a))
@@ -823,7 +833,7 @@ fn content_order<T: serde::Serialize>(a: &T, b: &T) -> Ordering {
     serde_json::to_vec(a).ok().cmp(&serde_json::to_vec(b).ok())
 }
 
-fn is_for_another_proxy(meta: &ObjectMeta) -> bool {
+pub(super) fn is_for_another_proxy(meta: &ObjectMeta) -> bool {
     meta.labels.as_ref().is_some_and(|labels| {
         labels.contains_key(LABEL_SERVICE_PROXY_NAME) || labels.contains_key(LABEL_HEADLESS)
     })
@@ -842,7 +852,7 @@ fn describe_service_port(name: &str, port: i32, protocol: &str) -> String {
     }
 }
 
-fn describe_key(key: &ServiceKey) -> String {
+pub(super) fn describe_key(key: &ServiceKey) -> String {
     let protocol = match key.proto {
         IPPROTO_TCP => "TCP",
         IPPROTO_UDP => "UDP",
@@ -851,7 +861,7 @@ fn describe_key(key: &ServiceKey) -> String {
     format!("{}:{}/{protocol}", key.ip(), key.port())
 }
 
-fn kind_name(kind: FrontendKind) -> &'static str {
+pub(super) fn kind_name(kind: FrontendKind) -> &'static str {
     match kind {
         FrontendKind::ClusterIp => "ClusterIP",
         FrontendKind::NodePort => "NodePort",

@@ -4,15 +4,20 @@
 //! BPF: everything here is unit-tested without a kernel or an API server.
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
-use k8s_openapi::api::{
-    core::v1::{Node, Service},
-    discovery::v1::EndpointSlice,
+use k8s_openapi::{
+    api::{
+        core::v1::{Node, Service},
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use lb_common::{Backend, ServiceKey};
 
 mod compute;
 pub mod maglev;
+mod view;
 pub use compute::desired_state;
+pub use view::{ClusterView, ObjectChange, ObjectKey, StateDelta};
 
 /// Everything the agent knows about the cluster at one moment.
 #[derive(Clone, Debug, Default)]
@@ -20,6 +25,37 @@ pub struct ClusterState {
     pub services: Vec<Service>,
     pub endpoint_slices: Vec<EndpointSlice>,
     pub nodes: Vec<Node>,
+}
+
+impl ClusterState {
+    /// Applies one watch event: an object replaces the one of the same namespace/name
+    /// (kept sorted by namespace/name), a deletion removes it.
+    pub fn apply(&mut self, change: ObjectChange) {
+        fn upsert<T>(objects: &mut Vec<T>, object: T, meta: fn(&T) -> &ObjectMeta) {
+            let key = ObjectKey::of(meta(&object));
+            match objects.binary_search_by(|o| ObjectKey::of(meta(o)).cmp(&key)) {
+                Ok(i) => objects[i] = object,
+                Err(i) => objects.insert(i, object),
+            }
+        }
+        fn remove<T>(objects: &mut Vec<T>, key: &ObjectKey, meta: fn(&T) -> &ObjectMeta) {
+            objects.retain(|o| &ObjectKey::of(meta(o)) != key);
+        }
+        match change {
+            ObjectChange::Service(s) => upsert(&mut self.services, *s, |s| &s.metadata),
+            ObjectChange::ServiceDeleted(key) => remove(&mut self.services, &key, |s| &s.metadata),
+            ObjectChange::EndpointSlice(s) => {
+                upsert(&mut self.endpoint_slices, *s, |s| &s.metadata)
+            }
+            ObjectChange::EndpointSliceDeleted(key) => {
+                remove(&mut self.endpoint_slices, &key, |s| &s.metadata)
+            }
+            ObjectChange::Node(n) => upsert(&mut self.nodes, *n, |n| &n.metadata),
+            ObjectChange::NodeDeleted(name) => self
+                .nodes
+                .retain(|n| n.metadata.name.as_deref() != Some(name.as_str())),
+        }
+    }
 }
 
 /// A CIDR block, e.g. 10.244.0.0/16.

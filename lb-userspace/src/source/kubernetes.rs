@@ -1,6 +1,6 @@
 //! Cluster state from the Kubernetes API: reflectors on Services, EndpointSlices and
-//! Nodes, published as whole `ClusterState` snapshots, the same shape as the manifest
-//! source.
+//! Nodes, published as one whole snapshot after the initial lists, then as the watch
+//! events themselves (so that one endpoint change costs one service's work downstream).
 //!
 //! Safety rules, because the agent deletes whatever a snapshot does not contain:
 //! - nothing is published until the initial lists of all three kinds have completed;
@@ -10,7 +10,7 @@
 //!
 //! The stores are kube's reflector stores: `Init` starts buffering, `InitDone` swaps the
 //! buffer in. We only read them after an event has been applied.
-use std::{path::Path, pin::Pin, sync::Arc, time::Duration};
+use std::{path::Path, pin::Pin, time::Duration};
 
 use anyhow::Context;
 use k8s_openapi::{
@@ -28,10 +28,11 @@ use kube::{
     },
     Api, Resource, ResourceExt,
 };
-use tokio::{sync::watch, time::Instant};
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::model::ClusterState;
+use super::{SourceUpdate, UpdateSender};
+use crate::model::{ClusterState, ObjectChange, ObjectKey};
 
 /// Services kube-proxy skips: handled by another proxy, or headless (no cluster IP).
 pub const SERVICE_LABEL_SELECTOR: &str =
@@ -40,7 +41,7 @@ pub const SERVICE_LABEL_SELECTOR: &str =
 pub const ENDPOINT_SLICE_LABEL_SELECTOR: &str =
     "!service.kubernetes.io/headless,!service.kubernetes.io/service-proxy-name";
 
-/// Changes are coalesced: at most one snapshot per this interval.
+/// Changes are coalesced: at most one publication per this interval.
 pub const PUBLISH_INTERVAL: Duration = Duration::from_millis(100);
 
 /// A client from `kubeconfig` when given, else inferred: `KUBECONFIG` or
@@ -65,14 +66,12 @@ pub async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<kube::Client> {
         .with_context(|| format!("creating a Kubernetes client for {url}"))
 }
 
-/// Watches Services, EndpointSlices and Nodes and publishes whole snapshots (sorted by
-/// namespace/name): once when the initial lists of all three have completed, then after
-/// changes, at most every `PUBLISH_INTERVAL`. Watch errors are logged and retried with
-/// the watcher's default backoff. Returns when every receiver is gone.
-pub async fn watch(
-    client: kube::Client,
-    tx: watch::Sender<Arc<ClusterState>>,
-) -> anyhow::Result<()> {
+/// Watches Services, EndpointSlices and Nodes. Publishes one whole snapshot when the
+/// initial lists of all three have completed (and again after any re-list), and the watch
+/// events in between as changes, at most one batch every `PUBLISH_INTERVAL`. Watch errors
+/// are logged and retried with the watcher's default backoff. Returns when the receiver
+/// is gone.
+pub async fn watch(client: kube::Client, tx: UpdateSender) -> anyhow::Result<()> {
     let (services, writer) = reflector::store();
     let mut service_events = Box::pin(reflect::<Service>(
         Api::all(client.clone()),
@@ -93,46 +92,48 @@ pub async fn watch(
     ));
 
     let mut synced = Synced::default();
-    let mut dirty = false;
-    let mut last_published: Option<(Instant, Arc<ClusterState>)> = None;
+    // A list completed: the next publication is a whole snapshot.
+    let mut listed = false;
+    let mut pending: Vec<ObjectChange> = Vec::new();
+    let mut published_once = false;
+    let mut last_published: Option<Instant> = None;
     loop {
         let ready = synced.all();
-        let publish_at = last_published
-            .as_ref()
-            .map_or_else(Instant::now, |(at, _)| *at + PUBLISH_INTERVAL);
+        let due = listed || !pending.is_empty();
+        let publish_at = last_published.map_or_else(Instant::now, |at| at + PUBLISH_INTERVAL);
         tokio::select! {
             event = next(&mut service_events) => {
-                dirty |= handle("Service", event, &mut synced.services)?;
+                listed |= handle("Service", event, &mut synced.services, &mut pending)?;
             }
             event = next(&mut slice_events) => {
-                dirty |= handle("EndpointSlice", event, &mut synced.endpoint_slices)?;
+                listed |= handle("EndpointSlice", event, &mut synced.endpoint_slices, &mut pending)?;
             }
             event = next(&mut node_events) => {
-                dirty |= handle("Node", event, &mut synced.nodes)?;
+                listed |= handle("Node", event, &mut synced.nodes, &mut pending)?;
             }
-            _ = tokio::time::sleep_until(publish_at), if dirty && ready => {
-                dirty = false;
-                let state = snapshot(&services, &slices, &nodes);
-                let unchanged = last_published
-                    .as_ref()
-                    .is_some_and(|(_, last)| same_state(last, &state));
-                if unchanged {
-                    // e.g. a re-list that found exactly what we had.
-                    continue;
-                }
-                if last_published.is_none() {
-                    info!(
-                        services = state.services.len(),
-                        endpoint_slices = state.endpoint_slices.len(),
-                        nodes = state.nodes.len(),
-                        "initial Kubernetes state listed"
-                    );
-                }
-                let state = Arc::new(state);
-                if tx.send(state.clone()).is_err() {
+            _ = tokio::time::sleep_until(publish_at), if due && ready => {
+                let update = if listed {
+                    // The snapshot holds every pending change too.
+                    pending.clear();
+                    listed = false;
+                    let state = snapshot(&services, &slices, &nodes);
+                    if !published_once {
+                        info!(
+                            services = state.services.len(),
+                            endpoint_slices = state.endpoint_slices.len(),
+                            nodes = state.nodes.len(),
+                            "initial Kubernetes state listed"
+                        );
+                        published_once = true;
+                    }
+                    SourceUpdate::Snapshot(state)
+                } else {
+                    SourceUpdate::Changes(std::mem::take(&mut pending))
+                };
+                if tx.send(update).is_err() {
                     return Ok(());
                 }
-                last_published = Some((Instant::now(), state));
+                last_published = Some(Instant::now());
             }
             _ = tx.closed() => return Ok(()),
         }
@@ -201,19 +202,65 @@ impl Synced {
     }
 }
 
-/// Notes one watch event (already applied to its store). Returns whether the store may
-/// have changed.
-fn handle<K: Resource>(
+/// A watched kind, as a change to the cluster.
+trait Watched: Resource + Sized {
+    fn applied(self) -> ObjectChange;
+    fn deleted(&self) -> ObjectChange;
+}
+
+impl Watched for Service {
+    fn applied(self) -> ObjectChange {
+        ObjectChange::Service(Box::new(self))
+    }
+    fn deleted(&self) -> ObjectChange {
+        ObjectChange::ServiceDeleted(ObjectKey::of(&self.metadata))
+    }
+}
+
+impl Watched for EndpointSlice {
+    fn applied(self) -> ObjectChange {
+        ObjectChange::EndpointSlice(Box::new(self))
+    }
+    fn deleted(&self) -> ObjectChange {
+        ObjectChange::EndpointSliceDeleted(ObjectKey::of(&self.metadata))
+    }
+}
+
+impl Watched for Node {
+    fn applied(self) -> ObjectChange {
+        ObjectChange::Node(Box::new(self))
+    }
+    fn deleted(&self) -> ObjectChange {
+        ObjectChange::NodeDeleted(self.metadata.name.clone().unwrap_or_default())
+    }
+}
+
+/// Notes one watch event (already applied to its store): watch events of a synced kind
+/// become pending changes. Returns whether a list just completed (the next publication
+/// must then be a whole snapshot).
+fn handle<K: Watched>(
     kind: &str,
     event: Option<watcher::Result<watcher::Event<K>>>,
     synced: &mut bool,
+    pending: &mut Vec<ObjectChange>,
 ) -> anyhow::Result<bool> {
     let Some(event) = event else {
         // The watcher retries forever; it only ends if the backoff gives up.
         anyhow::bail!("{kind} watch ended");
     };
     match event {
-        Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => Ok(true),
+        Ok(watcher::Event::Apply(object)) => {
+            if *synced {
+                pending.push(object.applied());
+            }
+            Ok(false)
+        }
+        Ok(watcher::Event::Delete(object)) => {
+            if *synced {
+                pending.push(object.deleted());
+            }
+            Ok(false)
+        }
         Ok(watcher::Event::Init) => {
             if *synced {
                 info!(kind, "re-listing");
@@ -260,8 +307,4 @@ where
         .collect();
     objects.sort_by(|a, b| id(a.meta()).cmp(&id(b.meta())));
     objects
-}
-
-fn same_state(a: &ClusterState, b: &ClusterState) -> bool {
-    a.services == b.services && a.endpoint_slices == b.endpoint_slices && a.nodes == b.nodes
 }

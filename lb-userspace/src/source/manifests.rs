@@ -10,7 +10,6 @@ use std::{
     collections::BTreeMap,
     fs, io,
     path::{Path, PathBuf},
-    sync::Arc,
     time::Duration,
 };
 
@@ -23,6 +22,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use tracing::{debug, warn};
 
+use super::{SourceUpdate, UpdateSender};
 use crate::model::ClusterState;
 
 /// A manifest file (or the directory) that could not be used, and why.
@@ -190,13 +190,10 @@ impl ManifestDir {
     }
 }
 
-/// Polls `dir` every `poll` and publishes the merged state whenever it changes (and once
-/// at start). Returns when every receiver is gone.
-pub async fn watch(
-    dir: PathBuf,
-    poll: Duration,
-    tx: tokio::sync::watch::Sender<Arc<ClusterState>>,
-) -> anyhow::Result<()> {
+/// Polls `dir` every `poll` and publishes the merged state as a snapshot whenever it
+/// changes (and once at start); the agent's view finds what changed. Returns when the
+/// receiver is gone.
+pub async fn watch(dir: PathBuf, poll: Duration, tx: UpdateSender) -> anyhow::Result<()> {
     let metadata = tokio::fs::metadata(&dir)
         .await
         .with_context(|| format!("manifest directory {}", dir.display()))?;
@@ -226,7 +223,7 @@ pub async fn watch(
         }
         if changed || first_round {
             first_round = false;
-            if tx.send(Arc::new(manifests.merged())).is_err() {
+            if tx.send(SourceUpdate::Snapshot(manifests.merged())).is_err() {
                 return Ok(());
             }
         } else if tx.is_closed() {
@@ -743,30 +740,20 @@ endpoints:
     async fn watch_publishes_at_start_and_on_change_only() {
         let dir = TempDir::new();
         dir.write("web.yaml", WEB_SERVICE);
-        let (tx, mut rx) = tokio::sync::watch::channel(Arc::new(ClusterState::default()));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let task = tokio::spawn(watch(dir.0.clone(), Duration::from_millis(10), tx));
 
         let wait = Duration::from_secs(5);
-        tokio::time::timeout(wait, rx.changed())
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(names(&rx.borrow_and_update()), ["Service web"]);
-
-        // Unchanged files publish nothing.
-        assert!(
-            tokio::time::timeout(Duration::from_millis(100), rx.changed())
-                .await
-                .is_err()
-        );
+        let mut next = async || match tokio::time::timeout(wait, rx.recv()).await {
+            Ok(Some(SourceUpdate::Snapshot(state))) => state,
+            other => panic!("expected a snapshot, got {other:?}"),
+        };
+        assert_eq!(names(&next().await), ["Service web"]);
 
         dir.write("slice.yaml", WEB_SLICE);
-        tokio::time::timeout(wait, rx.changed())
-            .await
-            .unwrap()
-            .unwrap();
+        // Unchanged files publish nothing: the next update is the one for the new file.
         assert_eq!(
-            names(&rx.borrow_and_update()),
+            names(&next().await),
             ["Service web", "EndpointSlice web-abc12"]
         );
 
@@ -780,7 +767,7 @@ endpoints:
 
     #[tokio::test]
     async fn watch_fails_on_missing_directory() {
-        let (tx, _rx) = tokio::sync::watch::channel(Arc::new(ClusterState::default()));
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
         let missing = std::env::temp_dir().join("xlb-manifests-test-does-not-exist");
         assert!(watch(missing, Duration::from_millis(10), tx).await.is_err());
     }
