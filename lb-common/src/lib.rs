@@ -34,7 +34,7 @@ pub mod map_name {
     /// loadBalancerSourceRanges: LPM trie of (frontend, source prefix).
     pub const SOURCE_RANGES: &str = "XLB_SRCRANGE_V1";
     /// Sockets of node processes balanced at connect() (S18): cookie -> frontend, backend.
-    pub const SOCKETS: &str = "XLB_SOCK_V1";
+    pub const SOCKETS: &str = "XLB_SOCK_V2";
     /// Every map, for pinning, adoption and clean-up.
     pub const ALL: [&str; 11] = [
         SERVICES,
@@ -331,16 +331,27 @@ pub struct FlowNat {
     pub last_seen_ns: u64,
 }
 
-/// A node-process socket that connect4 sent to a backend instead of a frontend: what
-/// getpeername4 and recvmsg4 translate back, so the application sees the service address.
+/// A node-process socket and a backend that connect4 or sendmsg4 sent it to instead of a
+/// frontend. One socket has one such peer when connected, several when it sends unconnected
+/// UDP datagrams to several services.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct SockNat {
+pub struct SockPeer {
+    pub cookie: u64,
     /// Network byte order, like everything else.
-    pub frontend_addr: u32,
     pub backend_addr: u32,
-    pub frontend_port: u16,
     pub backend_port: u16,
+    pub _pad: u16,
+}
+
+/// The frontend a [`SockPeer`] stands for: what getpeername4 and recvmsg4 translate back to,
+/// so the application sees the service address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockFrontend {
+    pub frontend_addr: u32,
+    pub frontend_port: u16,
+    pub _pad: u16,
 }
 
 /// Human-readable name of a backend set (e.g. `default/web:http/TCP`), UTF-8, `len` bytes.
@@ -483,7 +494,8 @@ const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowNat>() == 32);
 const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 32);
 const _: () = assert!(core::mem::size_of::<SetName>() == 128);
-const _: () = assert!(core::mem::size_of::<SockNat>() == 12);
+const _: () = assert!(core::mem::size_of::<SockPeer>() == 16);
+const _: () = assert!(core::mem::size_of::<SockFrontend>() == 8);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -503,5 +515,6 @@ mod pod {
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for SourceRange {}
-    unsafe impl aya::Pod for SockNat {}
+    unsafe impl aya::Pod for SockPeer {}
+    unsafe impl aya::Pod for SockFrontend {}
 }

@@ -5,7 +5,8 @@
 //! `xlb_xdp` (XDP, ingress of uplinks) and `xlb_tc` (TC, ingress of pod veths, or of uplinks
 //! with `--uplink-mode tc`). `xlb_connect4` (cgroup/connect4) balances connections of the
 //! node's own processes at connect() time, with the same look-up; `xlb_getpeername4` and
-//! `xlb_recvmsg4` show those sockets the service address instead of the backend.
+//! `xlb_recvmsg4` show those sockets the service address instead of the backend;
+//! `xlb_sendmsg4` does for unconnected UDP datagrams what `xlb_connect4` does for connect().
 //! Must not: make policy decisions the agent can make ahead of time (which backends are
 //! usable, which frontends exist, whether a service is local): those arrive in maps.
 #![cfg_attr(target_arch = "bpf", no_std)]
@@ -70,6 +71,13 @@ pub fn xlb_tc(ctx: TcContext) -> i32 {
 #[cgroup_sock_addr(connect4)]
 pub fn xlb_connect4(ctx: SockAddrContext) -> i32 {
     sock::connect4(&ctx)
+}
+
+/// sendto()/sendmsg() with an address on unconnected UDP sockets (S18): each datagram to a
+/// frontend goes to a backend (the same one for one socket, as long as it lives).
+#[cgroup_sock_addr(sendmsg4)]
+pub fn xlb_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::sendmsg4(&ctx)
 }
 
 /// getpeername() of those sockets: the service address, not the backend.

@@ -9,7 +9,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     capacity, stat, AffinityKey, AffinityValue, Backend, BackendSet, BackendSlot, DatapathConfig,
-    FlowKey, FlowNat, MemberKey, ServiceKey, ServiceValue, SetName, SockNat, SourceRange,
+    FlowKey, FlowNat, MemberKey, ServiceKey, ServiceValue, SetName, SockFrontend, SockPeer,
+    SourceRange,
 };
 
 /// Control-plane maps are written by the agent only: allocate entries as they are written
@@ -53,10 +54,10 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
 #[map(name = "XLB_SRCRANGE_V1")]
 pub static SOURCE_RANGES: LpmTrie<SourceRange, u32> = LpmTrie::pinned(capacity::SOURCE_RANGES, 0);
 
-/// Node-process sockets balanced at connect() (S18), by socket cookie. LRU: closed sockets
-/// are never deleted explicitly, they age out.
-#[map(name = "XLB_SOCK_V1")]
-pub static SOCKETS: LruHashMap<u64, SockNat> = LruHashMap::pinned(capacity::SOCKETS, 0);
+/// Node-process sockets sent to a backend at connect() or sendmsg() (S18), by socket cookie
+/// and backend. LRU: closed sockets are never deleted explicitly, they age out.
+#[map(name = "XLB_SOCK_V2")]
+pub static SOCKETS: LruHashMap<SockPeer, SockFrontend> = LruHashMap::pinned(capacity::SOCKETS, 0);
 
 /// The agent's settings (an all-zero config until it has written one).
 #[inline(always)]

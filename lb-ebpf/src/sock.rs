@@ -4,8 +4,10 @@
 //! program rewrites the destination of `connect()` instead: a TCP or UDP socket connecting to
 //! a frontend of `XLB_SVC_V1` is connected straight to a backend chosen by the same look-up
 //! as new flows on the packet path (`lookup::backend`). No conntrack entry, no NAT: the
-//! kernel socket talks to the backend itself. The choice is recorded by socket cookie
-//! (`XLB_SOCK_V1`) so that `getpeername4` and `recvmsg4` show the service address again.
+//! kernel socket talks to the backend itself. `cgroup/sendmsg4` does the same per datagram
+//! for unconnected UDP sockets (`sendto()` with an address). Each choice is recorded by
+//! socket cookie and backend (`XLB_SOCK_V2`) so that `getpeername4` and `recvmsg4` show the
+//! service address again, also for one socket that talks to several services.
 //!
 //! The program is attached to a cgroup (the root of cgroup v2 by default) and so runs for
 //! every process of the machine, in every network namespace: it acts only when the socket's
@@ -16,7 +18,9 @@ use aya_ebpf::{
     programs::SockAddrContext,
     EbpfContext,
 };
-use lb_common::{stat, FlowKey, ServiceValue, SockNat, IPPROTO_TCP, IPPROTO_UDP, SVC_F_LOCAL};
+use lb_common::{
+    stat, FlowKey, ServiceValue, SockFrontend, SockPeer, IPPROTO_TCP, IPPROTO_UDP, SVC_F_LOCAL,
+};
 
 use crate::{
     lookup,
@@ -31,6 +35,19 @@ const ECONNREFUSED: i32 = 111;
 
 #[inline(always)]
 pub fn connect4(ctx: &SockAddrContext) -> i32 {
+    balance(ctx)
+}
+
+#[inline(always)]
+pub fn sendmsg4(ctx: &SockAddrContext) -> i32 {
+    // The kernel runs this hook only for datagrams that carry an address (unconnected
+    // sends); the choice is the same as connect4's for this socket and frontend.
+    balance(ctx)
+}
+
+/// Replaces a frontend destination by a backend (connect4, sendmsg4).
+#[inline(always)]
+fn balance(ctx: &SockAddrContext) -> i32 {
     let cfg = config();
     if !ours(ctx, cfg.netns_cookie) {
         return PROCEED;
@@ -80,12 +97,16 @@ pub fn connect4(ctx: &SockAddrContext) -> i32 {
         Ok(choice) => {
             // Best effort: without the record the application sees the backend as its peer.
             let _ = SOCKETS.insert(
-                cookie,
-                SockNat {
-                    frontend_addr: flow.daddr,
+                &SockPeer {
+                    cookie,
                     backend_addr: choice.backend.addr,
-                    frontend_port: flow.dport,
                     backend_port: choice.backend.port,
+                    _pad: 0,
+                },
+                &SockFrontend {
+                    frontend_addr: flow.daddr,
+                    frontend_port: flow.dport,
+                    _pad: 0,
                 },
                 0,
             );
@@ -94,8 +115,8 @@ pub fn connect4(ctx: &SockAddrContext) -> i32 {
             PROCEED
         }
         Err(stat::DROP_NO_BACKEND) => {
-            // A service without endpoints rejects (S10): connect() fails at once with
-            // ECONNREFUSED, as a RST would make it fail.
+            // A service without endpoints rejects (S10): connect() or sendto() fails at once
+            // with ECONNREFUSED, as a RST or an ICMP port unreachable would make it fail.
             // SAFETY: plain helper call (cgroup programs, kernel >= 5.18).
             unsafe { bpf_set_retval(-ECONNREFUSED) };
             FAIL
@@ -123,15 +144,18 @@ pub fn reverse4(ctx: &SockAddrContext) -> i32 {
     }
     // SAFETY: the helper takes the program's context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: copied out of the map at once.
-    let Some(nat) = SOCKETS.get_ptr(cookie).map(|v| unsafe { *v }) else {
-        return PROCEED;
-    };
-    // SAFETY: as in connect4.
+    // SAFETY: as in balance.
     let sa = unsafe { &mut *ctx.sock_addr };
-    if sa.user_ip4 == nat.backend_addr && sa.user_port as u16 == nat.backend_port {
-        sa.user_ip4 = nat.frontend_addr;
-        sa.user_port = u32::from(nat.frontend_port);
+    let peer = SockPeer {
+        cookie,
+        backend_addr: sa.user_ip4,
+        backend_port: sa.user_port as u16,
+        _pad: 0,
+    };
+    // SAFETY: copied out of the map at once.
+    if let Some(frontend) = SOCKETS.get_ptr(&peer).map(|v| unsafe { *v }) {
+        sa.user_ip4 = frontend.frontend_addr;
+        sa.user_port = u32::from(frontend.frontend_port);
     }
     PROCEED
 }

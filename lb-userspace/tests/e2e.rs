@@ -998,3 +998,61 @@ fn s18_node_processes_reach_cluster_ip_node_port_and_external_ip() {
             == Err(std::io::ErrorKind::ConnectionRefused)
     });
 }
+
+#[test]
+fn s18_unconnected_udp_from_node_processes_is_balanced_and_answered_from_the_service() {
+    let Some(c) = Cluster::start(
+        "s18_unconnected_udp_from_node_processes_is_balanced_and_answered_from_the_service",
+    ) else {
+        return;
+    };
+    let node1 = c.tb.node("node1").netns.clone();
+    let ip1 = c.tb.node("node1").ip;
+    // sendto() without connect(): the sendmsg4 hook picks a backend per datagram (the same
+    // one for one socket), recvmsg4 shows the reply as coming from the address sent to.
+    // One socket talks to two frontends, so both translations must be kept side by side.
+    let exchange = |targets: &[SocketAddr]| -> anyhow::Result<Vec<(String, SocketAddr)>> {
+        let targets = targets.to_vec();
+        c.tb.in_netns(&node1, move || {
+            let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
+            sock.set_read_timeout(Some(Duration::from_secs(2)))?;
+            let mut replies = Vec::new();
+            for target in targets {
+                sock.send_to(b"ping", target)?;
+                let mut buf = [0u8; 2048];
+                let (n, from) = sock.recv_from(&mut buf)?;
+                replies.push((String::from_utf8_lossy(&buf[..n]).trim().to_string(), from));
+            }
+            Ok(replies)
+        })
+    };
+    let service = SocketAddr::from((VIP, 53));
+    let node_port = SocketAddr::from((ip1, 30053));
+    c.eventually("unconnected UDP answered", || {
+        exchange(&[service]).is_ok_and(|r| r[0].1 == service)
+    });
+    let mut seen = BTreeSet::new();
+    for _ in 0..120 {
+        let replies = exchange(&[service, node_port, service]).expect("exchange");
+        for (answer, _) in &replies {
+            assert!(ALL_PODS.contains(&answer.as_str()), "answer {answer:?}");
+            seen.insert(answer.clone());
+        }
+        assert_eq!(replies[0].1, service, "reply shown from the ClusterIP");
+        assert_eq!(replies[1].1, node_port, "reply shown from the NodePort");
+        assert_eq!(replies[2].1, service);
+        assert_eq!(
+            replies[0].0, replies[2].0,
+            "one socket stays on one backend of a service"
+        );
+        if seen == all() {
+            break;
+        }
+    }
+    assert_eq!(
+        seen,
+        all(),
+        "sockets spread over every backend\n{}",
+        c.logs()
+    );
+}

@@ -28,10 +28,11 @@ pub const PROG_FLOOR: &str = "xlb_floor";
 /// cgroup/connect4: connect-time balancing for the node's own processes (S18).
 pub const PROG_CONNECT4: &str = "xlb_connect4";
 const HOOK_CONNECT4: &str = "connect4";
-/// The cgroup socket programs (S18) and their hooks: connect4 balances; getpeername4 and
-/// recvmsg4 show the service address instead of the backend.
-const SOCK_PROGRAMS: [(&str, &str); 3] = [
+/// The cgroup socket programs (S18) and their hooks: connect4 and sendmsg4 (unconnected UDP)
+/// balance; getpeername4 and recvmsg4 show the service address instead of the backend.
+const SOCK_PROGRAMS: [(&str, &str); 4] = [
     (PROG_CONNECT4, HOOK_CONNECT4),
+    ("xlb_sendmsg4", "sendmsg4"),
     ("xlb_getpeername4", "getpeername4"),
     ("xlb_recvmsg4", "recvmsg4"),
 ];
