@@ -97,13 +97,13 @@ fn balance(ctx: &SockAddrContext) -> i32 {
         Ok(choice) => {
             // Best effort: without the record the application sees the backend as its peer.
             let _ = SOCKETS.insert(
-                &SockPeer {
+                SockPeer {
                     cookie,
                     backend_addr: choice.backend.addr,
                     backend_port: choice.backend.port,
                     _pad: 0,
                 },
-                &SockFrontend {
+                SockFrontend {
                     frontend_addr: flow.daddr,
                     frontend_port: flow.dport,
                     _pad: 0,
