@@ -153,7 +153,7 @@ pub fn reverse4(ctx: &SockAddrContext) -> i32 {
         _pad: 0,
     };
     // SAFETY: copied out of the map at once.
-    if let Some(frontend) = SOCKETS.get_ptr(&peer).map(|v| unsafe { *v }) {
+    if let Some(frontend) = SOCKETS.get_ptr(peer).map(|v| unsafe { *v }) {
         sa.user_ip4 = frontend.frontend_addr;
         sa.user_port = u32::from(frontend.frontend_port);
     }
