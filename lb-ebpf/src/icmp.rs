@@ -97,8 +97,8 @@ fn store<T>(ctx: &TcContext, offset: usize, value: &T) -> Result<(), ()> {
 // Fixed offsets in a frame whose outer and quoted IPv4 headers have no options. Constant
 // offsets keep every packet access provably in bounds for the verifier: with two variable
 // header lengths, LLVM's bounds checks were not tied to the accesses ("invalid access to
-// packet ... R5 offset is outside of the packet"). Errors with options are rare (Linux
-// quotes them only for the few options it echoes) and pass untouched, counted.
+// packet ... R5 offset is outside of the packet"). IPv4 options are rare in practice; such
+// errors pass untouched, counted.
 const IP_HLEN: usize = 20;
 const ICMP_OFF: usize = ETH_HLEN + IP_HLEN;
 const ICMP_CSUM_OFF: usize = ICMP_OFF + 2;

@@ -535,3 +535,44 @@ fn icmp_echo_passes_as_other_protocol() {
     assert_eq!(out, echo);
     assert_eq!(fx.stat(stat::PASS_OTHER_PROTOCOL), 1);
 }
+
+/// `frame` with 4 bytes of IPv4 options (NOPs) added to its IPv4 header, checksum redone.
+fn with_ip_options(frame: &[u8]) -> Vec<u8> {
+    let mut v = frame[..14 + 20].to_vec();
+    v.extend_from_slice(&[1, 1, 1, 1]);
+    v.extend_from_slice(&frame[14 + 20..]);
+    v[14] = 0x46;
+    let tot_len = u16::from_be_bytes([v[16], v[17]]) + 4;
+    v[16..18].copy_from_slice(&tot_len.to_be_bytes());
+    v[24..26].copy_from_slice(&[0, 0]);
+    let check = !ones_complement_sum(&v[14..14 + 24]);
+    v[24..26].copy_from_slice(&check.to_be_bytes());
+    v
+}
+
+/// The stage reads fixed offsets: an error whose outer or quoted IPv4 header has options is
+/// passed untouched and counted, never mistranslated.
+#[test]
+fn icmp_error_with_ip_options_passes_untouched() {
+    let Some(fx) = fixture("icmp_ip_options") else {
+        return;
+    };
+    let f = flow(&fx, IPPROTO_TCP, (CLIENT_POD, 40014), (VIP, 80));
+    let fwd = tuple(&f.forwarded);
+    let plain = icmp_error(BACKEND, fwd.src, frag_needed(), &f.forwarded, usize::MAX);
+    let quoting_options = icmp_error(
+        BACKEND,
+        fwd.src,
+        frag_needed(),
+        &with_ip_options(&f.forwarded),
+        usize::MAX,
+    );
+    for error in [with_ip_options(&plain), quoting_options] {
+        checked_ipv4(&error[14..], "sent");
+        let (verdict, out) = fx.run_xdp(&error);
+        assert_eq!(verdict, XDP_PASS);
+        assert_eq!(out, error, "untouched");
+    }
+    assert_eq!(fx.stat(stat::PASS_ICMP_IP_OPTIONS), 2);
+    assert_eq!(fx.stat(stat::ICMP_ERROR_TO_CLIENT), 0);
+}
