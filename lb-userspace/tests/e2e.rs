@@ -998,3 +998,61 @@ fn s18_node_processes_reach_cluster_ip_node_port_and_external_ip() {
             == Err(std::io::ErrorKind::ConnectionRefused)
     });
 }
+
+/// Issue 5: path MTU discovery through a ClusterIP. pod-a sends a large request to the
+/// ClusterIP, served by pod-c on node2 only; node2's link to pod-c has a smaller MTU, so
+/// node2 drops the full-size segments and answers with fragmentation needed, quoting the
+/// *translated* segment (pod-a -> pod-c:8080). node1's datapath translates the quote back to
+/// pod-a -> VIP:80, which is what pod-a's socket knows: pod-a learns the path MTU towards the
+/// ClusterIP and the transfer completes. Untranslated, pod-a would ignore the error and the
+/// DF segments would be dropped until curl gives up.
+#[test]
+fn issue5_path_mtu_discovery_through_a_cluster_ip() {
+    let Some(c) = Cluster::start("issue5_path_mtu_discovery_through_a_cluster_ip") else {
+        return;
+    };
+    const MTU: &str = "1200";
+    c.set_endpoints(&["pod-c"]);
+    let node1_pin = c.tb.node("node1").pin_path.clone();
+    c.eventually("node1 serves the ClusterIP from pod-c only", || {
+        xlb_json(&["services"], &node1_pin)
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["frontend"] == "10.96.0.10:80/TCP")
+            .is_some_and(|r| r["backends"].as_array().unwrap().len() == 1)
+    });
+    let node2 = c.tb.node("node2").netns.clone();
+    let pod_c_veth = c.tb.pod("pod-c").host_veth.clone();
+    let out =
+        c.tb.run_in(&node2, &["ip", "link", "set", &pod_c_veth, "mtu", MTU])
+            .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let pod_a = c.netns("pod-a");
+    let body = "x".repeat(20_000);
+    let answer = c
+        .curl(&pod_a, "http://10.96.0.10/", &["--data-binary", &body])
+        .unwrap_or_else(|e| panic!("large request through the ClusterIP: {e:#}\n{}", c.logs()));
+    assert_eq!(answer, "pod-c 20000", "whole body received by pod-c");
+
+    // pod-a learned the path MTU for the ClusterIP (a route exception), which it can only
+    // have from an error quoting its own socket's tuple.
+    let route =
+        c.tb.run_in(&pod_a, &["ip", "route", "get", "10.96.0.10"])
+            .unwrap();
+    let route = String::from_utf8_lossy(&route.stdout).into_owned();
+    assert!(
+        route.contains(&format!("mtu {MTU}")),
+        "pod-a's route: {route}"
+    );
+    let stats = xlb_json(&["stats"], &node1_pin);
+    assert!(
+        stats["icmp_error_to_client"].as_u64().unwrap() >= 1,
+        "node1 translated the error: {stats}"
+    );
+}
