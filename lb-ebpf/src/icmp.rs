@@ -36,7 +36,7 @@ use crate::{
     stats::count,
 };
 
-pub const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_ICMP: u8 = 1;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAMETER_PROB: u8 = 12;
