@@ -453,7 +453,21 @@ pub mod stat {
     /// Event, counted besides the packet's verdict: a UDP flow's backend left its set, so
     /// the flow was forgotten and this packet balanced afresh (S30).
     pub const UDP_FLOW_MOVED: u32 = 19;
-    pub const COUNT: u32 = 20;
+    /// ICMP error about a client's packet to a backend (raised by the backend or a router on
+    /// the way): quote and addresses translated back, sent on to the client (issue 5).
+    pub const ICMP_ERROR_TO_CLIENT: u32 = 20;
+    /// ICMP error about a translated reply (raised on the client's side, addressed to the
+    /// frontend or the masquerade address): translated and sent on to the backend (issue 5).
+    pub const ICMP_ERROR_TO_BACKEND: u32 = 21;
+    /// ICMP error whose quote is shorter than an IPv4 header and 8 bytes of TCP/UDP: passed
+    /// untouched (no ports to find the flow by).
+    pub const PASS_ICMP_SHORT_QUOTE: u32 = 22;
+    /// ICMP error quoting a TCP/UDP packet of no tracked flow: passed untouched.
+    pub const PASS_ICMP_UNKNOWN_FLOW: u32 = 23;
+    /// ICMP error whose outer or quoted IPv4 header has options: passed untouched (not
+    /// translated; such errors are rare).
+    pub const PASS_ICMP_IP_OPTIONS: u32 = 24;
+    pub const COUNT: u32 = 25;
 
     /// Names for metrics and `xlb stats`, indexed by reason.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -477,6 +491,11 @@ pub mod stat {
         "drop_no_local_backend",
         "drop_source_range",
         "udp_flow_moved",
+        "icmp_error_to_client",
+        "icmp_error_to_backend",
+        "pass_icmp_short_quote",
+        "pass_icmp_unknown_flow",
+        "pass_icmp_ip_options",
     ];
 }
 

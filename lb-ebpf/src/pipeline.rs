@@ -3,7 +3,7 @@
 use lb_common::{stat, FLOW_F_REPLY};
 
 use crate::{
-    conntrack, lookup, maps::config, nat::Rewrite, parse::parse, reject::Reject, stats::count,
+    conntrack, icmp, lookup, maps::config, nat::Rewrite, parse::parse, reject::Reject, stats::count,
 };
 
 pub enum Outcome {
@@ -18,9 +18,11 @@ pub enum Outcome {
 }
 
 #[inline(always)]
-pub fn process<C: Rewrite + Reject>(ctx: &C) -> Outcome {
+pub fn process<C: Rewrite + Reject + icmp::Patch>(ctx: &C) -> Outcome {
     let packet = match parse(ctx) {
         Ok(p) => p,
+        // ICMP errors about translated flows are translated too (icmp.rs).
+        Err(stat::PASS_OTHER_PROTOCOL) => return icmp::process(ctx),
         Err(reason) => {
             count(reason);
             return Outcome::Pass;

@@ -1056,3 +1056,208 @@ fn s18_unconnected_udp_from_node_processes_is_balanced_and_answered_from_the_ser
         c.logs()
     );
 }
+
+/// Issue 5: path MTU discovery through a ClusterIP. pod-a sends a large request to the
+/// ClusterIP, served by pod-c on node2 only; node2's link to pod-c has a smaller MTU, so
+/// node2 drops the full-size segments and answers with fragmentation needed, quoting the
+/// *translated* segment (pod-a -> pod-c:8080). node1's datapath translates the quote back to
+/// pod-a -> VIP:80, which is what pod-a's socket knows: pod-a learns the path MTU towards the
+/// ClusterIP and the transfer completes. Untranslated, pod-a would ignore the error and the
+/// DF segments would be dropped until curl gives up.
+#[test]
+fn issue5_path_mtu_discovery_through_a_cluster_ip() {
+    let Some(c) = Cluster::start("issue5_path_mtu_discovery_through_a_cluster_ip") else {
+        return;
+    };
+    const MTU: &str = "1200";
+    c.set_endpoints(&["pod-c"]);
+    let node1_pin = c.tb.node("node1").pin_path.clone();
+    c.eventually("node1 serves the ClusterIP from pod-c only", || {
+        xlb_json(&["services"], &node1_pin)
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["frontend"] == "10.96.0.10:80/TCP")
+            .is_some_and(|r| r["backends"].as_array().unwrap().len() == 1)
+    });
+    let node2 = c.tb.node("node2").netns.clone();
+    let pod_c_veth = c.tb.pod("pod-c").host_veth.clone();
+    let out =
+        c.tb.run_in(&node2, &["ip", "link", "set", &pod_c_veth, "mtu", MTU])
+            .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let pod_a = c.netns("pod-a");
+    let body = "x".repeat(20_000);
+    let answer = c
+        .curl(&pod_a, "http://10.96.0.10/", &["--data-binary", &body])
+        .unwrap_or_else(|e| panic!("large request through the ClusterIP: {e:#}\n{}", c.logs()));
+    assert_eq!(answer, "pod-c 20000", "whole body received by pod-c");
+
+    // pod-a learned the path MTU for the ClusterIP (a route exception), which it can only
+    // have from an error quoting its own socket's tuple.
+    let route =
+        c.tb.run_in(&pod_a, &["ip", "route", "get", "10.96.0.10"])
+            .unwrap();
+    let route = String::from_utf8_lossy(&route.stdout).into_owned();
+    assert!(
+        route.contains(&format!("mtu {MTU}")),
+        "pod-a's route: {route}"
+    );
+    let stats = xlb_json(&["stats"], &node1_pin);
+    assert!(
+        stats["icmp_error_to_client"].as_u64().unwrap() >= 1,
+        "node1 translated the error: {stats}"
+    );
+}
+
+/// Runs `argv` in `netns`; it must succeed.
+fn run_ok(c: &Cluster, netns: &str, argv: &[&str]) {
+    let out = c.tb.run_in(netns, argv).unwrap();
+    assert!(
+        out.status.success(),
+        "{argv:?} in {netns}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A network namespace a test made beside its testbed (named with the testbed's prefix, so
+/// a dead run's is cleaned up with its testbed); deleted on drop, also on panic.
+struct ExtraNetns(String);
+
+impl Drop for ExtraNetns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
+    }
+}
+
+/// `python3 -c` server for pod-c: every GET on 8080 answers 20 000 bytes, so that the
+/// backend's replies are full-size segments. (`server_bind` skips `getfqdn()`, as the
+/// testbed's server does.)
+const LARGE_REPLY_SERVER: &str = r#"
+import http.server, socketserver
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = b"y" * 20000
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+class S(http.server.HTTPServer):
+    allow_reuse_address = True
+    def server_bind(self):
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = "pod", 8080
+S(("0.0.0.0", 8080), H).serve_forever()
+"#;
+
+/// Issue 5, the other direction: the backend's large replies. A client ("far",
+/// 192.168.77.2) sits behind a router (the external host) whose link to it has MTU 1200.
+/// Its request to the ClusterIP is masqueraded by node1 to pod-c on node2; pod-c's
+/// full-size reply segments, reverse-translated by node1 (from VIP:80), are too large for
+/// the router's link, so the router answers fragmentation needed *to the ClusterIP*,
+/// quoting VIP:80 -> far. node1 translates the error to pod-c, quoting pod-c's own reply
+/// (pod-c:8080 -> node1:masquerade port): pod-c learns the path MTU and the transfer
+/// completes.
+#[test]
+fn issue5_path_mtu_discovery_for_large_replies_through_a_cluster_ip() {
+    let Some(mut c) =
+        Cluster::start("issue5_path_mtu_discovery_for_large_replies_through_a_cluster_ip")
+    else {
+        return;
+    };
+    const MTU: &str = "1200";
+    c.set_endpoints(&["pod-c"]);
+    let node1_pin = c.tb.node("node1").pin_path.clone();
+    c.eventually("node1 serves the ClusterIP from pod-c only", || {
+        xlb_json(&["services"], &node1_pin)
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["frontend"] == "10.96.0.10:80/TCP")
+            .is_some_and(|r| r["backends"].as_array().unwrap().len() == 1)
+    });
+    // pod-c: the large-reply server instead of the testbed's.
+    let pod_c = c.netns("pod-c");
+    c.tb.stop_servers("pod-c").expect("stop pod-c's servers");
+    c.tb.spawn_in(&pod_c, &["python3", "-c", LARGE_REPLY_SERVER])
+        .expect("start the large-reply server");
+    c.eventually("the large-reply server listens", || {
+        c.curl(&pod_c, "http://127.0.0.1:8080/", &["-o", "/dev/null"])
+            .is_ok()
+    });
+
+    // far -- (MTU 1200) -- router (the external host) -- node network.
+    let far = ExtraNetns(format!("{}-far", c.tb.netns_prefix()));
+    let router = c.tb.external().netns.clone();
+    let node1 = c.tb.node("node1").netns.clone();
+    let status = std::process::Command::new("ip")
+        .args(["netns", "add", &far.0])
+        .status()
+        .unwrap();
+    assert!(status.success(), "ip netns add {}", far.0);
+    for argv in [
+        &[
+            "ip", "link", "add", "xfar", "mtu", MTU, "type", "veth", "peer", "name", "eth0",
+            "netns", &far.0,
+        ][..],
+        &["ip", "addr", "add", "192.168.77.1/24", "dev", "xfar"],
+        &["ip", "link", "set", "xfar", "up"],
+        &["sysctl", "-qw", "net.ipv4.ip_forward=1"],
+    ] {
+        run_ok(&c, &router, argv);
+    }
+    for argv in [
+        &["ip", "link", "set", "lo", "up"][..],
+        &["ip", "addr", "add", "192.168.77.2/24", "dev", "eth0"],
+        &["ip", "link", "set", "eth0", "up"],
+        &["ip", "route", "add", "default", "via", "192.168.77.1"],
+    ] {
+        run_ok(&c, &far.0, argv);
+    }
+    run_ok(
+        &c,
+        &node1,
+        &[
+            "ip",
+            "route",
+            "add",
+            "192.168.77.0/24",
+            "via",
+            "172.18.0.100",
+        ],
+    );
+
+    let size = c
+        .curl(
+            &far.0,
+            "http://10.96.0.10/",
+            &["-o", "/dev/null", "-w", "%{size_download}"],
+        )
+        .unwrap_or_else(|e| panic!("large reply through the ClusterIP: {e:#}\n{}", c.logs()));
+    assert_eq!(size, "20000", "whole reply received");
+
+    // pod-c learned the path MTU towards the masquerade address, which it can only have
+    // from an error quoting its own reply.
+    let route =
+        c.tb.run_in(&pod_c, &["ip", "route", "get", "172.18.0.11"])
+            .unwrap();
+    let route = String::from_utf8_lossy(&route.stdout).into_owned();
+    assert!(
+        route.contains(&format!("mtu {MTU}")),
+        "pod-c's route: {route}"
+    );
+    let stats = xlb_json(&["stats"], &node1_pin);
+    assert!(
+        stats["icmp_error_to_backend"].as_u64().unwrap() >= 1,
+        "node1 translated the error: {stats}"
+    );
+}
