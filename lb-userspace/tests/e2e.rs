@@ -1717,3 +1717,45 @@ metadata:
         c.tb.http_get(&pod_c, VIP, 80)
     });
 }
+
+#[test]
+fn s07_host_network_endpoint_is_reached_from_another_nodes_pods_and_node_port() {
+    let Some(mut c) = Cluster::start(
+        "s07_host_network_endpoint_is_reached_from_another_nodes_pods_and_node_port",
+    ) else {
+        return;
+    };
+    // A hostNetwork pod on node2: its servers listen in node2's namespace on the node's
+    // address, and its endpoint IP is the node IP.
+    let node2_ns = c.tb.node("node2").netns.clone();
+    c.tb.start_servers_as(&node2_ns, "node2-host", 8080, 5353)
+        .expect("host-network servers");
+    c.edit_manifest(|docs| {
+        let endpoints = docs[1]["endpoints"].as_sequence_mut().unwrap();
+        endpoints.retain(|e| e["targetRef"]["name"] == "pod-a");
+        endpoints.push(yaml(
+            "{addresses: [172.18.0.12], conditions: {ready: true, serving: true, \
+             terminating: false}, nodeName: node2, \
+             targetRef: {kind: Pod, name: host-pod, namespace: default}}",
+        ));
+    });
+    let expected = ["pod-a", "node2-host"];
+    // From node1's pods (TCP and UDP) and through node1's NodePort. Clients on node2 itself
+    // are not covered: see docs/conformance.md (replies of a local host-network endpoint
+    // leave without reverse translation).
+    let pod_a = c.netns("pod-a");
+    c.settles_on("ClusterIP from pod-a", &expected, || {
+        c.tb.http_get(&pod_a, VIP, 80)
+    });
+    c.settles_on("UDP ClusterIP from pod-a", &expected, || {
+        c.tb.udp_request(&pod_a, VIP, 53)
+    });
+    let ext = c.tb.external().netns.clone();
+    let node1 = c.tb.node("node1").ip;
+    c.settles_on("NodePort via node1", &expected, || {
+        c.tb.http_get(&ext, node1, 30080)
+    });
+    c.settles_on("UDP NodePort via node1", &expected, || {
+        c.tb.udp_request(&ext, node1, 30053)
+    });
+}
