@@ -373,7 +373,7 @@ fn service_account_binding_and_daemonset_line_up() {
 }
 
 #[test]
-fn daemonset_is_host_network_with_four_capabilities_and_bpffs() {
+fn daemonset_is_host_network_with_four_capabilities_bpffs_and_the_host_cgroup_root() {
     let docs = load();
     let ds = daemonset(&docs);
     let spec = pod_spec(ds);
@@ -432,6 +432,35 @@ fn daemonset_is_host_network_with_four_capabilities_and_bpffs() {
     assert_eq!(
         volume.host_path.as_ref().map(|h| h.path.as_str()),
         Some("/sys/fs/bpf")
+    );
+
+    // S18 in a container: the connect() hook attaches to the host's cgroup v2 root, mounted
+    // from the host; the container's own /sys/fs/cgroup is only its own cgroup.
+    let argv = command(xlb);
+    let cgroup_path = match flag_values(&argv, "--cgroup-path")[..] {
+        [path] => path,
+        ref other => panic!("one --cgroup-path expected, got {other:?} in {argv:?}"),
+    };
+    assert_ne!(
+        cgroup_path, "/sys/fs/cgroup",
+        "that is the container's own cgroup, not the host's"
+    );
+    let mount = xlb
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.mount_path.trim_end_matches('/') == cgroup_path.trim_end_matches('/'))
+        .unwrap_or_else(|| panic!("nothing is mounted at --cgroup-path {cgroup_path}"));
+    let volume = spec
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == mount.name)
+        .expect("the cgroup volume");
+    assert_eq!(
+        volume.host_path.as_ref().map(|h| h.path.as_str()),
+        Some("/sys/fs/cgroup"),
+        "--cgroup-path must be the host's cgroup2 root"
     );
 
     let node_name = xlb

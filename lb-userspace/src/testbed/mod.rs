@@ -753,29 +753,57 @@ impl Testbed {
             "servers already run in {pod}"
         );
         let netns = self.pod(pod).netns.clone();
-        let ready = self.work_dir.join(format!("servers-{pod}.ready"));
+        let label = format!("servers-{pod}");
+        let pid = self.spawn_servers(&netns, pod, HTTP_PORT, UDP_PORT, &label)?;
+        self.servers.insert(pod.to_string(), pid);
+        Ok(pid)
+    }
+
+    /// Starts further servers in any of this testbed's namespaces (a pod's for a second
+    /// target port, a node's for a hostNetwork endpoint): HTTP on `http_port` and UDP on
+    /// `udp_port`, answering with `answer`; waits until both listen. Returns the pid, for
+    /// [`stop_process`](Self::stop_process); teardown stops it too.
+    pub fn start_servers_as(
+        &mut self,
+        netns: &str,
+        answer: &str,
+        http_port: u16,
+        udp_port: u16,
+    ) -> Result<u32> {
+        ensure!(
+            self.namespaces.iter().any(|n| n == netns),
+            "{netns} is not a namespace of this testbed"
+        );
+        // Unique per call: the same answer may be served on several ports.
+        let label = format!("servers-{answer}-{http_port}-{udp_port}").replace('/', "_");
+        self.spawn_servers(netns, answer, http_port, udp_port, &label)
+    }
+
+    fn spawn_servers(
+        &mut self,
+        netns: &str,
+        answer: &str,
+        http_port: u16,
+        udp_port: u16,
+        label: &str,
+    ) -> Result<u32> {
+        let ready = self.work_dir.join(format!("{label}.ready"));
         let _ = std::fs::remove_file(&ready);
         let ready_arg = ready.to_string_lossy().into_owned();
-        let (http, udp) = (HTTP_PORT.to_string(), UDP_PORT.to_string());
+        let (http, udp) = (http_port.to_string(), udp_port.to_string());
         let python = traffic::python();
         let argv = [
             python.as_str(),
             "-c",
             traffic::SERVER_PY,
-            pod,
+            answer,
             &ready_arg,
             &http,
             &udp,
         ];
-        let pid = self.spawn_labeled(
-            &netns,
-            &argv,
-            &format!("servers-{pod}"),
-            &format!("servers-{pod}.log"),
-        )?;
-        self.servers.insert(pod.to_string(), pid);
+        let pid = self.spawn_labeled(netns, &argv, label, &format!("{label}.log"))?;
         self.wait_ready(pid, &ready, SERVER_READY_TIMEOUT)
-            .with_context(|| format!("starting servers in {pod}"))?;
+            .with_context(|| format!("starting servers {answer} in {netns}"))?;
         Ok(pid)
     }
 

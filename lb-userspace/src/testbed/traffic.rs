@@ -17,9 +17,10 @@ pub const UDP_PORT: u16 = 5353;
 /// Client timeout of `http_get`, `udp_request` and persistent clients.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// `python3 -c SERVER_PY NAME READY_FILE`: HTTP/1.1 (keep-alive) on 8080 answering every
-/// GET with NAME (`GET /client`: "NAME CLIENT-ADDRESS", the source the server sees; a POST:
-/// "NAME BODY-LENGTH"), UDP on 5353 answering every datagram with NAME. Creates READY_FILE once
+/// `python3 -c SERVER_PY NAME READY_FILE HTTP_PORT UDP_PORT` (the pods' own servers: 8080 and
+/// 5353): HTTP/1.1 (keep-alive) answering every GET with NAME (`GET /client`: "NAME
+/// CLIENT-ADDRESS", the source the server sees; a POST: "NAME BODY-LENGTH"), UDP answering
+/// every datagram with NAME. Creates READY_FILE once
 /// both sockets listen. `server_bind` is overridden to skip `getfqdn()`, which can stall
 /// on DNS inside an isolated namespace.
 pub(crate) const SERVER_PY: &str = r#"
