@@ -23,6 +23,20 @@ pub fn service(flow: &FlowKey) -> Option<ServiceValue> {
     SERVICES.get_ptr(key).map(|v| unsafe { *v })
 }
 
+/// A ClusterIP's other ports (S04): its address with port 0 and protocol 0, registered by
+/// the agent with an empty backend set, so that a packet to a port or protocol the service
+/// does not have is refused. Looked up only after [`service`] missed.
+#[inline(always)]
+pub fn other_port(flow: &FlowKey) -> bool {
+    let key = ServiceKey {
+        addr: flow.daddr,
+        port: 0,
+        proto: 0,
+        _pad: 0,
+    };
+    SERVICES.get_ptr(key).is_some()
+}
+
 /// loadBalancerSourceRanges (S14): a frontend with ranges admits only sources inside one.
 #[inline(always)]
 pub fn source_allowed(service: &ServiceValue, flow: &FlowKey) -> bool {

@@ -48,6 +48,10 @@ pub fn process<C: Rewrite + Reject + icmp::Patch>(ctx: &C) -> Outcome {
         return Outcome::Translated;
     }
     let Some(service) = lookup::service(&packet.flow) else {
+        // S04: a ClusterIP refuses the ports and protocols its service does not have.
+        if lookup::other_port(&packet.flow) {
+            return ctx.reject(&packet);
+        }
         count(stat::PASS_NO_SERVICE);
         return Outcome::Pass;
     };

@@ -261,6 +261,7 @@ fn services_and_conntrack_commands_show_the_programmed_datapath() {
     let expected: BTreeSet<String> = [
         "10.96.0.10:80/TCP",
         "10.96.0.10:53/UDP",
+        "10.96.0.10:*/*",
         "172.18.0.11:30080/TCP",
         "172.18.0.11:30053/UDP",
     ]
@@ -269,7 +270,9 @@ fn services_and_conntrack_commands_show_the_programmed_datapath() {
     .collect();
     assert_eq!(frontends, expected);
     for row in rows.as_array().unwrap() {
-        assert_eq!(row["backends"].as_array().unwrap().len(), 3, "{row}");
+        // The ClusterIP's other ports (S04) are refused: no backends.
+        let expected = if row["port"] == 0 { 0 } else { 3 };
+        assert_eq!(row["backends"].as_array().unwrap().len(), expected, "{row}");
     }
     // One request through node1 leaves a tracked flow that `xlb conntrack` shows.
     let ns = c.netns("pod-b");
@@ -863,7 +866,7 @@ spec:
                 rows.iter()
                     .filter(|r| r.service.starts_with("default/empty"))
                     .count()
-                    == 4
+                    == 5 // two ports, two node ports, the other ports (S04)
             })
         });
     }
@@ -1333,12 +1336,14 @@ impl Cluster {
         });
     }
 
-    /// The frontends `xlb services -o json` shows for `node`, with their backends.
+    /// The frontends `xlb services -o json` shows for `node`, with their backends (service
+    /// ports only: not the ClusterIPs' refused other ports, S04).
     fn frontends(&self, node: &str) -> Vec<(String, Vec<String>)> {
         let rows = xlb_json(&["services"], &self.tb.node(node).pin_path);
         rows.as_array()
             .unwrap()
             .iter()
+            .filter(|r| r["port"] != 0)
             .map(|r| {
                 let backends = r["backends"]
                     .as_array()
@@ -2021,4 +2026,41 @@ fn s07_host_network_endpoint_is_reached_from_another_nodes_pods_and_node_port() 
     c.settles_on("UDP NodePort via node1", &expected, || {
         c.tb.udp_request(&ext, node1, 30053)
     });
+}
+
+#[test]
+fn s04_a_port_or_protocol_the_service_does_not_have_is_refused() {
+    let Some(c) = Cluster::start("s04_a_port_or_protocol_the_service_does_not_have_is_refused")
+    else {
+        return;
+    };
+    let pod = c.netns("pod-a");
+    // The service has 80/TCP and 53/UDP: 81/TCP and 80/UDP are refused at once, by the
+    // node's datapath (RST, ICMP port unreachable), not left to time out or leave the node.
+    c.eventually("the service works", || c.tb.http_get(&pod, VIP, 80).is_ok());
+    assert_eq!(
+        c.tcp_connect(&pod, VIP, 81),
+        Err(std::io::ErrorKind::ConnectionRefused),
+        "TCP to a port the service does not have\n{}",
+        c.logs()
+    );
+    let udp =
+        c.tb.in_netns(&pod, || {
+            let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
+            sock.set_read_timeout(Some(Duration::from_secs(2)))?;
+            sock.connect((VIP, 80))?;
+            sock.send(b"ping")?;
+            let mut buf = [0u8; 64];
+            Ok(sock.recv(&mut buf).map(|_| ()).map_err(|e| e.kind()))
+        })
+        .unwrap();
+    assert_eq!(
+        udp,
+        Err(std::io::ErrorKind::ConnectionRefused),
+        "UDP to a protocol the service does not have on that port\n{}",
+        c.logs()
+    );
+    // The service's own ports are untouched.
+    assert!(c.tb.http_get(&pod, VIP, 80).is_ok());
+    assert!(c.tb.udp_request(&pod, VIP, 53).is_ok());
 }

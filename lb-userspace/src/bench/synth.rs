@@ -95,6 +95,13 @@ pub fn desired(n: usize, endpoints: usize) -> DesiredState {
             ServiceKey::new(cluster_ip(i), SERVICE_PORT, IPPROTO_TCP),
             Frontend::new(set_name(i), FrontendKind::ClusterIp, 0),
         );
+        // The ClusterIP's other ports are refused (S04): port 0, protocol 0, empty set.
+        let other_ports = format!("{NAMESPACE}/{}:*", service_name(i));
+        state.frontends.insert(
+            ServiceKey::new(cluster_ip(i), 0, 0),
+            Frontend::new(other_ports.clone(), FrontendKind::ClusterIp, 0),
+        );
+        state.backend_sets.insert(other_ports, Vec::new());
     }
     state
 }

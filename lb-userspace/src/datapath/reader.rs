@@ -18,6 +18,8 @@ pub fn proto_name(proto: u8) -> &'static str {
     match proto {
         IPPROTO_TCP => "TCP",
         IPPROTO_UDP => "UDP",
+        // A ClusterIP's other ports and protocols, refused (S04).
+        0 => "*",
         _ => "?",
     }
 }
@@ -73,7 +75,11 @@ pub fn services(pin_path: &Path) -> Result<Vec<ServiceRow>> {
             }
         }
         rows.push(ServiceRow {
-            frontend: format!("{}:{}/{}", key.ip(), key.port(), proto_name(key.proto)),
+            frontend: if key.port() == 0 {
+                format!("{}:*/*", key.ip())
+            } else {
+                format!("{}:{}/{}", key.ip(), key.port(), proto_name(key.proto))
+            },
             ip: key.ip(),
             port: key.port(),
             protocol: proto_name(key.proto),

@@ -275,6 +275,19 @@ pub(super) fn plan_service(
             add_frontend(ip, port.port, FrontendKind::LoadBalancer);
         }
     }
+    // S04: a ClusterIP refuses the ports and protocols its service does not have, as
+    // kube-proxy does, instead of letting them leave the node. The datapath looks these
+    // up (port 0, protocol 0) only when no frontend matched, and an empty set rejects.
+    if !cluster_ips.is_empty() {
+        let set = other_ports_set_name(id);
+        plan.backend_sets.push((set.clone(), Vec::new()));
+        for &ip in &cluster_ips {
+            plan.frontends.push((
+                ServiceKey::new(ip, 0, 0),
+                Frontend::new(set.clone(), FrontendKind::ClusterIp, 0),
+            ));
+        }
+    }
     // S23: the health-check node port of an externalTrafficPolicy Local load balancer
     // reports how many ready endpoints this node has.
     if policies.external_local && service_type == "LoadBalancer" {
@@ -301,6 +314,12 @@ pub(super) fn plan_service(
         }
     }
     Some(plan)
+}
+
+/// The empty set behind a service's other-ports frontends (S04). Port set names always
+/// hold a `/`, so this one cannot collide with them.
+fn other_ports_set_name(service: ObjectId<'_>) -> BackendSetName {
+    format!("{service}:*")
 }
 
 /// Adds one service's plan to the state. A frontend already claimed by an earlier service
@@ -931,6 +950,28 @@ mod tests {
         desired_state(&cluster, &node())
     }
 
+    /// The frontends of service ports (without the other-ports ones, S04).
+    fn port_frontends(state: &DesiredState) -> BTreeMap<ServiceKey, Frontend> {
+        state
+            .frontends
+            .iter()
+            .filter(|(key, _)| key.proto != 0)
+            .map(|(key, frontend)| (*key, frontend.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn s04_a_cluster_ip_refuses_the_ports_its_service_does_not_have() {
+        let (state, problems) = compute(vec![web_service_http()], vec![]);
+        assert_eq!(problems, vec![]);
+        let other = &state.frontends[&ServiceKey::new("10.96.0.10".parse().unwrap(), 0, 0)];
+        assert_eq!(other.backend_set, "default/web:*");
+        assert_eq!(other.kind, FrontendKind::ClusterIp);
+        assert_eq!(backends_of(&state, "default/web:*"), [] as [Backend; 0]);
+        // Only the cluster IP: external addresses may serve the node's own ports.
+        assert_eq!(state.frontends.keys().filter(|k| k.proto == 0).count(), 1);
+    }
+
     fn key(ip: &str, port: u16, proto: u8) -> ServiceKey {
         ServiceKey::new(ip.parse().unwrap(), port, proto)
     }
@@ -1010,7 +1051,7 @@ mod tests {
             .into_iter()
             .map(|(key, kind, flags)| (key, Frontend::new(set.clone(), kind, flags)))
             .collect();
-        assert_eq!(state.frontends, expected);
+        assert_eq!(port_frontends(&state), expected);
         assert_eq!(backends_of(&state, &set), [backend("10.244.1.5", 8080)]);
     }
 
@@ -1024,7 +1065,7 @@ mod tests {
         let (state, problems) = compute(vec![svc], vec![]);
         assert_eq!(problems, vec![]);
         assert_eq!(
-            state.frontends.keys().copied().collect::<Vec<_>>(),
+            port_frontends(&state).keys().copied().collect::<Vec<_>>(),
             [key("10.96.0.10", 80, IPPROTO_TCP)]
         );
     }
@@ -1072,7 +1113,7 @@ mod tests {
             state.frontends[&key("10.96.0.10", 9100, IPPROTO_TCP)].backend_set,
             "default/web:metrics/TCP"
         );
-        assert_eq!(state.frontends.len(), 2);
+        assert_eq!(port_frontends(&state).len(), 2);
     }
 
     #[test]
@@ -1373,7 +1414,7 @@ mod tests {
             ]
         );
         assert!(problems.iter().all(|p| p.object == "Service default/web"));
-        let keys: Vec<ServiceKey> = state.frontends.keys().copied().collect();
+        let keys: Vec<ServiceKey> = port_frontends(&state).keys().copied().collect();
         assert_eq!(
             keys,
             [
@@ -1645,7 +1686,7 @@ mod tests {
             vec![lb_service(json!({"sessionAffinity": "ClientIP"}))],
             vec![two_nodes_ready()],
         );
-        for frontend in state.frontends.values() {
+        for frontend in port_frontends(&state).values() {
             assert_ne!(frontend.flags & SVC_F_AFFINITY, 0);
             assert_eq!(frontend.affinity_timeout, 10_800);
         }
@@ -1654,7 +1695,9 @@ mod tests {
                                    "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 60}}}))],
             vec![two_nodes_ready()],
         );
-        assert!(state.frontends.values().all(|f| f.affinity_timeout == 60));
+        assert!(port_frontends(&state)
+            .values()
+            .all(|f| f.affinity_timeout == 60));
         let (state, _) = compute(
             vec![lb_service(json!({"sessionAffinity": "None"}))],
             vec![two_nodes_ready()],

@@ -860,7 +860,11 @@ mod tests {
         }
         let cold = view.replace_all(&cluster);
         assert_eq!(cold.services_planned, 100);
-        assert_eq!(cold.frontends.len(), 100);
+        assert_eq!(
+            cold.frontends.len(),
+            200,
+            "a port and the other ports (S04) each"
+        );
 
         let delta = view.apply([ObjectChange::EndpointSlice(Box::new(slice(
             "svc-42",
@@ -902,7 +906,7 @@ mod tests {
             .state()
             .backend_sets
             .contains_key("default/svc-7:http/TCP"));
-        assert_eq!(view.state().frontends.len(), 99);
+        assert_eq!(view.state().frontends.len(), 198);
         assert_eq!(view.state(), &desired_state(&cluster, &node()).0);
     }
 
@@ -938,6 +942,9 @@ mod tests {
         assert_eq!(view.state().frontends[&key].backend_set, "default/b:80/TCP");
         assert!(delta.backend_sets.contains("default/a:80/TCP"));
         assert!(delta.backend_sets.contains("default/b:80/TCP"));
-        assert_eq!(view.state().backend_sets.len(), 1);
+        assert_eq!(
+            view.state().backend_sets.keys().collect::<Vec<_>>(),
+            ["default/b:*", "default/b:80/TCP"]
+        );
     }
 }
