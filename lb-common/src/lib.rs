@@ -22,7 +22,8 @@ pub mod map_name {
     pub const BACKEND_SETS: &str = "XLB_BSET_V1";
     pub const BACKENDS: &str = "XLB_BACKEND_V1";
     pub const CONNTRACK: &str = "XLB_CT_V1";
-    pub const STATS: &str = "XLB_STATS_V1";
+    /// V2: `stat::COUNT` grew (fragment counters).
+    pub const STATS: &str = "XLB_STATS_V2";
     /// V2: `DatapathConfig` grew `netns_cookie` (24 -> 32 bytes).
     pub const CONFIG: &str = "XLB_CONFIG_V2";
     /// Backend-set id -> service name, for `xlb services` (never read by the datapath).
@@ -35,8 +36,11 @@ pub mod map_name {
     pub const SOURCE_RANGES: &str = "XLB_SRCRANGE_V1";
     /// Sockets of node processes balanced at connect() (S18): cookie -> frontend, backend.
     pub const SOCKETS: &str = "XLB_SOCK_V1";
+    /// IP fragments: (source, destination, protocol, IP id) of a translated first fragment ->
+    /// the addresses its later fragments are rewritten to.
+    pub const FRAGMENTS: &str = "XLB_FRAG_V1";
     /// Every map, for pinning, adoption and clean-up.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 12] = [
         SERVICES,
         BACKEND_SETS,
         BACKENDS,
@@ -48,6 +52,7 @@ pub mod map_name {
         AFFINITY,
         SOURCE_RANGES,
         SOCKETS,
+        FRAGMENTS,
     ];
 }
 
@@ -72,6 +77,9 @@ pub mod capacity {
     pub const SOCKETS: u32 = 65_536;
     /// Connection-tracking entries (two per flow: original and reply direction).
     pub const CONNTRACK: u32 = 524_288;
+    /// Fragmented datagrams in flight; LRU. An entry is needed only between a datagram's first
+    /// and last fragment (microseconds), so a small table covers many concurrent datagrams.
+    pub const FRAGMENTS: u32 = 16_384;
 }
 
 pub const IPPROTO_TCP: u8 = 6;
@@ -331,6 +339,28 @@ pub struct FlowNat {
     pub last_seen_ns: u64,
 }
 
+/// Key of `FRAGMENTS`: one fragmented datagram as its fragments arrive (RFC 791 identifies
+/// a datagram by source, destination, protocol and identification).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FragmentKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    /// IP identification, network byte order.
+    pub id: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// The addresses a datagram's first fragment was rewritten to; its later fragments (no L4
+/// header, so no ports) get the same address rewrite.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FragmentNat {
+    pub saddr: u32,
+    pub daddr: u32,
+}
+
 /// A node-process socket that connect4 sent to a backend instead of a frontend: what
 /// getpeername4 and recvmsg4 translate back, so the application sees the service address.
 #[repr(C)]
@@ -412,7 +442,8 @@ pub mod stat {
     pub const PASS_NOT_IPV4: u32 = 4;
     /// IPv4 but neither TCP nor UDP: passed untouched.
     pub const PASS_OTHER_PROTOCOL: u32 = 5;
-    /// IP fragment: passed untouched (fragments carry no ports to balance on).
+    /// A non-first IP fragment with no translated first fragment on record: passed
+    /// untouched (not a service flow, or it overtook its first fragment; see docs/datapath.md).
     pub const PASS_FRAGMENT: u32 = 6;
     /// Headers shorter than they claim, or a bad IHL: passed untouched.
     pub const PASS_MALFORMED: u32 = 7;
@@ -442,7 +473,12 @@ pub mod stat {
     /// Event, counted besides the packet's verdict: a UDP flow's backend left its set, so
     /// the flow was forgotten and this packet balanced afresh (S30).
     pub const UDP_FLOW_MOVED: u32 = 19;
-    pub const COUNT: u32 = 20;
+    /// A non-first IP fragment rewritten like its datagram's first fragment.
+    pub const FORWARD_FRAGMENT: u32 = 20;
+    /// Event, counted besides the packet's verdict: a translated first fragment whose
+    /// translation could not be recorded (its later fragments will pass untranslated).
+    pub const FRAGMENT_NOT_RECORDED: u32 = 21;
+    pub const COUNT: u32 = 22;
 
     /// Names for metrics and `xlb stats`, indexed by reason.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -466,6 +502,8 @@ pub mod stat {
         "drop_no_local_backend",
         "drop_source_range",
         "udp_flow_moved",
+        "forward_fragment",
+        "fragment_not_recorded",
     ];
 }
 
@@ -484,6 +522,8 @@ const _: () = assert!(core::mem::size_of::<FlowNat>() == 32);
 const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 32);
 const _: () = assert!(core::mem::size_of::<SetName>() == 128);
 const _: () = assert!(core::mem::size_of::<SockNat>() == 12);
+const _: () = assert!(core::mem::size_of::<FragmentKey>() == 12);
+const _: () = assert!(core::mem::size_of::<FragmentNat>() == 8);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -504,4 +544,6 @@ mod pod {
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for SourceRange {}
     unsafe impl aya::Pod for SockNat {}
+    unsafe impl aya::Pod for FragmentKey {}
+    unsafe impl aya::Pod for FragmentNat {}
 }

@@ -17,6 +17,7 @@ mod checksum;
 mod conntrack;
 mod context;
 mod forward;
+mod fragment;
 mod lookup;
 mod maps;
 mod nat;

@@ -9,7 +9,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     capacity, stat, AffinityKey, AffinityValue, Backend, BackendSet, BackendSlot, DatapathConfig,
-    FlowKey, FlowNat, MemberKey, ServiceKey, ServiceValue, SetName, SockNat, SourceRange,
+    FlowKey, FlowNat, FragmentKey, FragmentNat, MemberKey, ServiceKey, ServiceValue, SetName,
+    SockNat, SourceRange,
 };
 
 /// Control-plane maps are written by the agent only: allocate entries as they are written
@@ -32,7 +33,7 @@ pub static BACKENDS: HashMap<BackendSlot, Backend> = HashMap::pinned(capacity::B
 #[map(name = "XLB_CT_V1")]
 pub static CONNTRACK: LruHashMap<FlowKey, FlowNat> = LruHashMap::pinned(capacity::CONNTRACK, 0);
 
-#[map(name = "XLB_STATS_V1")]
+#[map(name = "XLB_STATS_V2")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stat::COUNT, 0);
 
 #[map(name = "XLB_CONFIG_V2")]
@@ -57,6 +58,12 @@ pub static SOURCE_RANGES: LpmTrie<SourceRange, u32> = LpmTrie::pinned(capacity::
 /// are never deleted explicitly, they age out.
 #[map(name = "XLB_SOCK_V1")]
 pub static SOCKETS: LruHashMap<u64, SockNat> = LruHashMap::pinned(capacity::SOCKETS, 0);
+
+/// LRU: a datagram's record is needed only until its last fragment has passed; older ones
+/// are overwritten by newer datagrams, never a new insert failing.
+#[map(name = "XLB_FRAG_V1")]
+pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentNat> =
+    LruHashMap::pinned(capacity::FRAGMENTS, 0);
 
 /// The agent's settings (an all-zero config until it has written one).
 #[inline(always)]

@@ -3,7 +3,8 @@
 use lb_common::{stat, FLOW_F_REPLY};
 
 use crate::{
-    conntrack, lookup, maps::config, nat::Rewrite, parse::parse, reject::Reject, stats::count,
+    conntrack, fragment, lookup, maps::config, nat::Rewrite, parse::parse, reject::Reject,
+    stats::count,
 };
 
 pub enum Outcome {
@@ -21,6 +22,7 @@ pub enum Outcome {
 pub fn process<C: Rewrite + Reject>(ctx: &C) -> Outcome {
     let packet = match parse(ctx) {
         Ok(p) => p,
+        Err(stat::PASS_FRAGMENT) => return fragment::follow(ctx),
         Err(reason) => {
             count(reason);
             return Outcome::Pass;
@@ -38,6 +40,7 @@ pub fn process<C: Rewrite + Reject>(ctx: &C) -> Outcome {
             count(stat::DROP_REWRITE_FAILED);
             return Outcome::Drop;
         }
+        fragment::remember(&packet, &nat);
         count(if nat.flags & FLOW_F_REPLY != 0 {
             stat::REVERSE_NAT
         } else {
@@ -69,6 +72,7 @@ pub fn process<C: Rewrite + Reject>(ctx: &C) -> Outcome {
         count(stat::DROP_REWRITE_FAILED);
         return Outcome::Drop;
     }
+    fragment::remember(&packet, &nat);
     count(stat::FORWARD_NEW);
     Outcome::Translated
 }

@@ -998,3 +998,51 @@ fn s18_node_processes_reach_cluster_ip_node_port_and_external_ip() {
             == Err(std::io::ErrorKind::ConnectionRefused)
     });
 }
+
+/// S06, UDP half: a 2000-byte datagram crosses the 1500-byte MTU of the pod and node links
+/// as two IP fragments. The datapath translates the first fragment and gives the second the
+/// same rewrite (docs/datapath.md, "IP fragments"), so every backend, local or on the other
+/// node, receives the whole datagram and answers. From a pod to the ClusterIP (TC on the pod
+/// veth) and from outside to a NodePort (XDP on the uplink, masqueraded).
+#[test]
+fn s06_a_2000_byte_udp_datagram_passes_the_service() {
+    let Some(c) = Cluster::start("s06_a_2000_byte_udp_datagram_passes_the_service") else {
+        return;
+    };
+    // One datagram from a new socket (a new flow, balanced afresh); the answer must come
+    // from exactly ip:port (connected socket), else the reverse NAT failed.
+    let request = |netns: &str, ip: Ipv4Addr, port: u16| -> anyhow::Result<String> {
+        c.tb.in_netns(netns, || {
+            let sock = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+            sock.set_read_timeout(Some(Duration::from_secs(3)))?;
+            sock.connect((ip, port))?;
+            let datagram = vec![b'x'; 2000];
+            assert_eq!(sock.send(&datagram)?, 2000);
+            let mut buf = [0u8; 2048];
+            let n = sock.recv(&mut buf).map_err(|e| {
+                anyhow::anyhow!("2000-byte datagram to {ip}:{port} from {netns}: {e}")
+            })?;
+            Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+        })
+    };
+    let pod = c.netns("pod-c");
+    let seen = answers(120, &ALL_PODS, || request(&pod, VIP, 53));
+    assert_eq!(seen, all(), "pod -> ClusterIP\n{}", c.logs());
+    let ext = c.tb.external().netns.clone();
+    let node1 = c.tb.node("node1").ip;
+    let seen = answers(120, &ALL_PODS, || request(&ext, node1, 30053));
+    assert_eq!(seen, all(), "external -> NodePort\n{}", c.logs());
+    // Every second fragment was translated by the datapath of the node it entered (not
+    // passed untouched): at least 3 + 3 datagrams, the NodePort ones on node1.
+    let translated = |node: &str| {
+        xlb_json(&["stats"], &c.tb.node(node).pin_path)["forward_fragment"]
+            .as_u64()
+            .unwrap()
+    };
+    let (on_node1, on_node2) = (translated("node1"), translated("node2"));
+    assert!(on_node1 >= 3, "node1 forward_fragment {on_node1}");
+    assert!(
+        on_node1 + on_node2 >= 6,
+        "forward_fragment {on_node1} + {on_node2}"
+    );
+}
