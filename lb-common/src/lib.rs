@@ -21,8 +21,13 @@ pub mod map_name {
     pub const SERVICES: &str = "XLB_SVC_V1";
     pub const BACKEND_SETS: &str = "XLB_BSET_V1";
     pub const BACKENDS: &str = "XLB_BACKEND_V1";
-    pub const CONNTRACK: &str = "XLB_CT_V1";
-    /// V2: `stat::COUNT` grew (fragment counters).
+    /// Tracked flows. V2: `FlowNat` carries a TCP state; TCP flows enter only once their
+    /// handshake completed (embryonic ones live in `CONNTRACK_NEW`).
+    pub const CONNTRACK: &str = "XLB_CT_V2";
+    /// Embryonic TCP flows (SYN seen, handshake not completed), so a SYN flood evicts only
+    /// its own kind and never an established flow.
+    pub const CONNTRACK_NEW: &str = "XLB_CT_NEW_V1";
+    /// V2: `stat::COUNT` grew (fragment and conntrack counters).
     pub const STATS: &str = "XLB_STATS_V2";
     /// V2: `DatapathConfig` grew `netns_cookie` (24 -> 32 bytes).
     pub const CONFIG: &str = "XLB_CONFIG_V2";
@@ -40,11 +45,12 @@ pub mod map_name {
     /// the addresses its later fragments are rewritten to.
     pub const FRAGMENTS: &str = "XLB_FRAG_V1";
     /// Every map, for pinning, adoption and clean-up.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 13] = [
         SERVICES,
         BACKEND_SETS,
         BACKENDS,
         CONNTRACK,
+        CONNTRACK_NEW,
         STATS,
         CONFIG,
         SET_NAMES,
@@ -77,6 +83,9 @@ pub mod capacity {
     pub const SOCKETS: u32 = 65_536;
     /// Connection-tracking entries (two per flow: original and reply direction).
     pub const CONNTRACK: u32 = 524_288;
+    /// Embryonic TCP flows (two entries each); LRU. Sized for the flows a node opens within
+    /// a handshake time, not for every flow it tracks.
+    pub const CONNTRACK_NEW: u32 = 131_072;
     /// Fragmented datagrams in flight; LRU. An entry is needed only between a datagram's first
     /// and last fragment (microseconds), so a small table covers many concurrent datagrams.
     pub const FRAGMENTS: u32 = 16_384;
@@ -334,9 +343,53 @@ pub struct FlowNat {
     pub flags: u32,
     /// Backend set the flow was balanced by (0 for none).
     pub backend_set: u32,
-    pub _pad: u32,
-    /// `bpf_ktime_get_ns()` of the last packet, refreshed at most about once a second.
+    /// `ct_state::*`: what this direction of a TCP flow has seen (0 for UDP).
+    pub state: u8,
+    pub _pad: [u8; 3],
+    /// `bpf_ktime_get_ns()` of the last packet, refreshed at most about once a second (at
+    /// once on a state change).
     pub last_seen_ns: u64,
+}
+
+impl FlowNat {
+    /// The key of the other direction's entry of the same flow: the rewritten tuple,
+    /// reversed (for either direction).
+    pub const fn other_direction(&self, proto: u8) -> FlowKey {
+        FlowKey {
+            saddr: self.daddr,
+            daddr: self.saddr,
+            sport: self.dport,
+            dport: self.sport,
+            proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// TCP states of a conntrack entry, in the order a connection goes through them (a flow's
+/// state is the later of its two directions'). The agent's garbage collector expires a flow
+/// by its state's timeout.
+pub mod ct_state {
+    /// UDP: no state.
+    pub const NONE: u8 = 0;
+    /// Embryonic: the client's SYN (or a first non-SYN packet) seen, nothing back yet.
+    pub const SYN_SENT: u8 = 1;
+    /// Embryonic: the backend answered (reply entry); the client's next packet completes it.
+    pub const SYN_RECV: u8 = 2;
+    /// Handshake completed: the flow lives in `CONNTRACK`.
+    pub const ESTABLISHED: u8 = 3;
+    /// A FIN seen: the connection is closing.
+    pub const CLOSING: u8 = 4;
+    /// A RST seen: kept a short grace so late retransmissions are still translated.
+    pub const CLOSED: u8 = 5;
+    pub const NAMES: [&str; 6] = [
+        "none",
+        "syn_sent",
+        "syn_recv",
+        "established",
+        "closing",
+        "closed",
+    ];
 }
 
 /// Key of `FRAGMENTS`: one fragmented datagram as its fragments arrive (RFC 791 identifies
@@ -478,7 +531,15 @@ pub mod stat {
     /// Event, counted besides the packet's verdict: a translated first fragment whose
     /// translation could not be recorded (its later fragments will pass untranslated).
     pub const FRAGMENT_NOT_RECORDED: u32 = 21;
-    pub const COUNT: u32 = 22;
+    /// Event: an embryonic TCP flow completed its handshake and moved to `CONNTRACK`.
+    pub const CT_PROMOTED: u32 = 22;
+    /// Event: an embryonic flow could not be moved to `CONNTRACK` (it stays embryonic and
+    /// is retried on its next packet).
+    pub const CT_PROMOTE_FAILED: u32 = 23;
+    /// Event: a SYN reused the 5-tuple of a closed or closing flow, which was forgotten so
+    /// the new connection is balanced afresh.
+    pub const CT_REOPENED: u32 = 24;
+    pub const COUNT: u32 = 25;
 
     /// Names for metrics and `xlb stats`, indexed by reason.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -504,6 +565,9 @@ pub mod stat {
         "udp_flow_moved",
         "forward_fragment",
         "fragment_not_recorded",
+        "ct_promoted",
+        "ct_promote_failed",
+        "ct_reopened",
     ];
 }
 

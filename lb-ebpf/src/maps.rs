@@ -30,8 +30,14 @@ pub static BACKEND_SETS: HashMap<u32, BackendSet> =
 pub static BACKENDS: HashMap<BackendSlot, Backend> = HashMap::pinned(capacity::BACKENDS, ON_DEMAND);
 
 /// LRU: under pressure the least recently used flows go first, never a new insert failing.
-#[map(name = "XLB_CT_V1")]
+/// Established TCP flows and UDP flows; the agent's collector deletes expired ones.
+#[map(name = "XLB_CT_V2")]
 pub static CONNTRACK: LruHashMap<FlowKey, FlowNat> = LruHashMap::pinned(capacity::CONNTRACK, 0);
+
+/// Embryonic TCP flows, in their own LRU so that a SYN flood evicts only its own kind.
+#[map(name = "XLB_CT_NEW_V1")]
+pub static CONNTRACK_NEW: LruHashMap<FlowKey, FlowNat> =
+    LruHashMap::pinned(capacity::CONNTRACK_NEW, 0);
 
 #[map(name = "XLB_STATS_V2")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stat::COUNT, 0);

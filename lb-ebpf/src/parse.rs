@@ -11,6 +11,10 @@ pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 pub const IP_MF: u16 = 0x2000;
 pub const IP_OFFSET: u16 = 0x1fff;
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 /// Ethernet + the longest IPv4 header + a TCP header without options.
 pub const MAX_HEADERS: usize = ETH_HLEN + 60 + 20;
 
@@ -34,6 +38,8 @@ pub struct Parsed {
     pub first_fragment: bool,
     /// IP identification, network byte order (meaningful for fragments).
     pub ip_id: u16,
+    /// TCP flags byte (`TCP_*`); 0 for UDP.
+    pub tcp_flags: u8,
 }
 
 #[inline(always)]
@@ -83,6 +89,11 @@ pub fn parse<C: Packet>(ctx: &C) -> Result<Parsed, u32> {
     let sport: u16 = read_at(ctx, l4_off).ok_or(stat::PASS_MALFORMED)?;
     let dport: u16 = read_at(ctx, l4_off + 2).ok_or(stat::PASS_MALFORMED)?;
     read_at::<C, u16>(ctx, l4_csum_off).ok_or(stat::PASS_MALFORMED)?;
+    let tcp_flags: u8 = if proto == IPPROTO_TCP {
+        read_at(ctx, l4_off + 13).ok_or(stat::PASS_MALFORMED)?
+    } else {
+        0
+    };
     Ok(Parsed {
         flow: FlowKey {
             saddr,
@@ -96,5 +107,6 @@ pub fn parse<C: Packet>(ctx: &C) -> Result<Parsed, u32> {
         l4_csum_off,
         first_fragment,
         ip_id,
+        tcp_flags,
     })
 }

@@ -28,7 +28,7 @@ pub fn process<C: Rewrite + Reject>(ctx: &C) -> Outcome {
             return Outcome::Pass;
         }
     };
-    let tracked = conntrack::lookup(&packet.flow);
+    let tracked = conntrack::lookup(&packet);
     if let Some(nat) = tracked.filter(|nat| {
         let gone = conntrack::udp_backend_gone(&packet.flow, nat);
         if gone {
