@@ -1046,3 +1046,53 @@ fn s06_a_2000_byte_udp_datagram_passes_the_service() {
         "forward_fragment {on_node1} + {on_node2}"
     );
 }
+
+/// The agents' conntrack collector (docs/datapath.md, "Conntrack lifecycle") with tiny
+/// closing/closed timeouts: connections that ended (curl closes with FIN) disappear from both
+/// nodes' tables, while an open, idle keep-alive connection stays established and keeps
+/// working on its backend. Without the collector the ended flows would stay in the LRU maps.
+#[test]
+fn conntrack_collector_forgets_ended_connections_and_keeps_open_ones() {
+    let Some(c) = Cluster::start_with(
+        "conntrack_collector_forgets_ended_connections_and_keeps_open_ones",
+        &[
+            "--ct-tcp-closing-timeout",
+            "1",
+            "--ct-tcp-closed-timeout",
+            "1",
+            "--ct-gc-interval",
+            "1",
+        ],
+    ) else {
+        return;
+    };
+    let pod = c.netns("pod-b");
+    let (mut open, first) = c.established(&pod);
+    let open_client = open.local_addr().unwrap().to_string();
+    for _ in 0..5 {
+        c.curl(&pod, "http://10.96.0.10/", &[]).expect("request");
+    }
+    // Original-direction flows to the ClusterIP on both nodes: client -> state.
+    let flows = || -> std::collections::BTreeMap<String, String> {
+        let mut out = std::collections::BTreeMap::new();
+        for node in ["node1", "node2"] {
+            let rows = xlb_json(&["conntrack"], &c.tb.node(node).pin_path);
+            for f in rows.as_array().unwrap() {
+                if f["direction"] == "original" && f["to"] == "10.96.0.10:80" {
+                    out.insert(
+                        f["from"].as_str().unwrap().to_string(),
+                        f["state"].as_str().unwrap().to_string(),
+                    );
+                }
+            }
+        }
+        out
+    };
+    assert!(flows().len() >= 6, "{:?}", flows());
+    c.eventually("ended connections forgotten", || {
+        flows()
+            == std::collections::BTreeMap::from([(open_client.clone(), "established".to_string())])
+    });
+    // The idle connection still works, on the same backend.
+    assert_eq!(open.request().unwrap().trim(), first);
+}
