@@ -539,7 +539,11 @@ pub mod stat {
     /// Event: a SYN reused the 5-tuple of a closed or closing flow, which was forgotten so
     /// the new connection is balanced afresh.
     pub const CT_REOPENED: u32 = 24;
-    pub const COUNT: u32 = 25;
+    /// Event: a TCP flow created by a packet without SYN, i.e. a connection whose entries
+    /// were lost (evicted under pressure, expired, or older than the datapath). The visible
+    /// trace of LRU evictions.
+    pub const CT_NEW_WITHOUT_SYN: u32 = 25;
+    pub const COUNT: u32 = 26;
 
     /// Names for metrics and `xlb stats`, indexed by reason.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -568,6 +572,7 @@ pub mod stat {
         "ct_promoted",
         "ct_promote_failed",
         "ct_reopened",
+        "ct_new_without_syn",
     ];
 }
 

@@ -218,6 +218,7 @@ pub fn create(
     flow: &FlowKey,
     service: &ServiceValue,
     choice: &Choice,
+    tcp_flags: u8,
 ) -> Result<FlowNat, u32> {
     let cfg = *cfg;
     let backend = &choice.backend;
@@ -291,6 +292,9 @@ pub fn create(
     if table.insert(flow, original, BPF_ANY as u64).is_err() {
         let _ = table.remove(reply_key);
         return Err(stat::DROP_CONNTRACK_FULL);
+    }
+    if tcp && tcp_flags & TCP_SYN == 0 {
+        count(stat::CT_NEW_WITHOUT_SYN);
     }
     Ok(original)
 }

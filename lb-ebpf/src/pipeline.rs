@@ -57,9 +57,9 @@ pub fn process<C: Rewrite + Reject>(ctx: &C) -> Outcome {
         return Outcome::Drop;
     }
     let cfg = config();
-    let nat = match lookup::backend(&cfg, &service, &packet.flow)
-        .and_then(|choice| conntrack::create(&cfg, &packet.flow, &service, &choice))
-    {
+    let nat = match lookup::backend(&cfg, &service, &packet.flow).and_then(|choice| {
+        conntrack::create(&cfg, &packet.flow, &service, &choice, packet.tcp_flags)
+    }) {
         Ok(nat) => nat,
         // S10: a service without endpoints answers at once instead of timing out.
         Err(stat::DROP_NO_BACKEND) => return ctx.reject(&packet),

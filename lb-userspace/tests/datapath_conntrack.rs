@@ -152,6 +152,8 @@ fn a_first_packet_without_syn_stays_embryonic_until_the_backend_answers() {
     send(&fx, 40100, ACK);
     send(&fx, 40100, ACK);
     assert_eq!(states(&fx, 40100), Some(("syn_sent", "syn_sent")));
+    // The trace such a lost flow leaves (how LRU evictions show).
+    assert_eq!(fx.stat(stat::CT_NEW_WITHOUT_SYN), 1);
     answer(&fx, 40100, ACK);
     send(&fx, 40100, ACK);
     assert_eq!(states(&fx, 40100), Some(("established", "established")));
@@ -328,6 +330,7 @@ fn a_million_syns_from_random_sources_leave_established_flows_in_place() {
         u64::from(ESTABLISHED)
     );
     assert_eq!(fx.stat(stat::FORWARD_NEW), new_before);
+    assert_eq!(fx.stat(stat::CT_NEW_WITHOUT_SYN), 0, "no flow was lost");
     assert_eq!(fx.stat(stat::DROP_CONNTRACK_FULL), 0);
 }
 
