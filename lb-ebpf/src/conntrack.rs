@@ -38,12 +38,16 @@ pub fn now() -> u64 {
 /// The translation of an already tracked flow (either direction), if any, after recording
 /// what the packet says about the flow's state. `None` also for a SYN that reopens the
 /// 5-tuple of a closed flow: that flow is forgotten and the SYN balanced afresh.
+///
+/// Embryonic flows are looked up here only for packets that can be their replies (SYN-ACK,
+/// RST): the miss path of all other traffic (pod to pod, node) stays one lookup. Packets to a
+/// frontend find their embryonic flow through `embryonic` after the frontend look-up.
 #[inline(always)]
 pub fn lookup(packet: &Parsed) -> Option<FlowNat> {
     let flow = &packet.flow;
     let flags = packet.tcp_flags;
-    let now = now();
     if let Some(entry) = CONNTRACK.get_ptr_mut(flow) {
+        let now = now();
         // SAFETY: the entry stays valid for this program run (RCU); racing updates from other
         // CPUs write the same kind of value and are harmless.
         let entry = unsafe { &mut *entry };
@@ -57,11 +61,26 @@ pub fn lookup(packet: &Parsed) -> Option<FlowNat> {
         }
         return Some(*entry);
     }
+    let reply_like = flags & TCP_RST != 0 || flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK;
+    if flow.proto != IPPROTO_TCP || !reply_like {
+        return None;
+    }
+    embryonic(packet)
+}
+
+/// The embryonic TCP flow this packet belongs to, if any, after recording its state: the
+/// backend's answer marks the reply entry, and the client's next packet without SYN or RST
+/// then completes the handshake (`promote`).
+#[inline(always)]
+pub fn embryonic(packet: &Parsed) -> Option<FlowNat> {
+    let flow = &packet.flow;
+    let flags = packet.tcp_flags;
     if flow.proto != IPPROTO_TCP {
         return None;
     }
     let entry = CONNTRACK_NEW.get_ptr_mut(flow)?;
-    // SAFETY: as above; copied out before a promotion deletes it.
+    let now = now();
+    // SAFETY: as in `lookup`; copied out before a promotion deletes it.
     let entry = unsafe { &mut *entry };
     if reopens(&CONNTRACK_NEW, flow, entry, flags) {
         return None;
@@ -210,8 +229,20 @@ pub fn in_cluster(cfg: &DatapathConfig, addr: u32) -> bool {
     addr & cfg.cluster_cidr_mask == cfg.cluster_cidr_addr
 }
 
+/// Whether a TCP reply tuple is taken in the table a new flow is *not* created in. Each map
+/// named directly: the verifier must see a map pointer at every lookup.
+#[inline(always)]
+fn tracked_in_other_table(resumed: bool, key: &FlowKey) -> bool {
+    if resumed {
+        CONNTRACK_NEW.get_ptr(key).is_some()
+    } else {
+        CONNTRACK.get_ptr(key).is_some()
+    }
+}
+
 /// Tracks a new flow to `backend` and returns the translation for its first packet. TCP
-/// flows start embryonic (`CONNTRACK_NEW`), UDP flows go straight to `CONNTRACK`.
+/// flows opened by a SYN start embryonic (`CONNTRACK_NEW`); UDP flows and resumed TCP flows
+/// go straight to `CONNTRACK`.
 #[inline(always)]
 pub fn create(
     cfg: &DatapathConfig,
@@ -225,10 +256,16 @@ pub fn create(
     let backend_set = choice.set;
     let now = now();
     let tcp = flow.proto == IPPROTO_TCP;
-    let (table, state) = if tcp {
-        (&CONNTRACK_NEW, ct_state::SYN_SENT)
-    } else {
+    // A TCP flow whose first packet has no SYN is a connection that lost its entries (see
+    // `CT_NEW_WITHOUT_SYN`): it has no handshake left to wait for, and its replies (plain
+    // ACKs and data) are looked up only in CONNTRACK.
+    let resumed = tcp && tcp_flags & TCP_SYN == 0;
+    let (table, state) = if !tcp {
         (&CONNTRACK, ct_state::NONE)
+    } else if resumed {
+        (&CONNTRACK, ct_state::ESTABLISHED)
+    } else {
+        (&CONNTRACK_NEW, ct_state::SYN_SENT)
     };
     let mut original = FlowNat {
         saddr: flow.saddr,
@@ -272,9 +309,9 @@ pub fn create(
         for i in 0..SNAT_TRIES {
             let port = (min + (start + i * 7919) % range) as u16;
             reply_key.dport = port.to_be();
-            // A port already used towards this backend belongs to another flow: an
-            // established one in CONNTRACK, or (NOEXIST) one in the table we insert into.
-            if tcp && CONNTRACK.get_ptr(reply_key).is_some() {
+            // A port already used towards this backend belongs to another flow, in the
+            // other TCP table or (NOEXIST) in the table we insert into.
+            if tcp && tracked_in_other_table(resumed, &reply_key) {
                 continue;
             }
             if table.insert(reply_key, reply, BPF_NOEXIST as u64).is_ok() {
@@ -293,7 +330,7 @@ pub fn create(
         let _ = table.remove(reply_key);
         return Err(stat::DROP_CONNTRACK_FULL);
     }
-    if tcp && tcp_flags & TCP_SYN == 0 {
+    if resumed {
         count(stat::CT_NEW_WITHOUT_SYN);
     }
     Ok(original)

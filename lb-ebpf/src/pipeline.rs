@@ -1,9 +1,13 @@
 //! parse -> look up -> rewrite, shared by every program type. Each return path counts
 //! exactly one verdict reason.
-use lb_common::{stat, FLOW_F_REPLY};
+use lb_common::{stat, FlowNat, FLOW_F_REPLY};
 
 use crate::{
-    conntrack, fragment, lookup, maps::config, nat::Rewrite, parse::parse, reject::Reject,
+    conntrack, fragment, lookup,
+    maps::config,
+    nat::Rewrite,
+    parse::{parse, Parsed},
+    reject::Reject,
     stats::count,
 };
 
@@ -36,22 +40,15 @@ pub fn process<C: Rewrite + Reject>(ctx: &C) -> Outcome {
         }
         !gone
     }) {
-        if ctx.rewrite(&packet, &nat).is_err() {
-            count(stat::DROP_REWRITE_FAILED);
-            return Outcome::Drop;
-        }
-        fragment::remember(&packet, &nat);
-        count(if nat.flags & FLOW_F_REPLY != 0 {
-            stat::REVERSE_NAT
-        } else {
-            stat::FORWARD_ESTABLISHED
-        });
-        return Outcome::Translated;
+        return translate_tracked(ctx, &packet, &nat);
     }
     let Some(service) = lookup::service(&packet.flow) else {
         count(stat::PASS_NO_SERVICE);
         return Outcome::Pass;
     };
+    if let Some(nat) = conntrack::embryonic(&packet) {
+        return translate_tracked(ctx, &packet, &nat);
+    }
     if !lookup::source_allowed(&service, &packet.flow) {
         count(stat::DROP_SOURCE_RANGE);
         return Outcome::Drop;
@@ -74,5 +71,21 @@ pub fn process<C: Rewrite + Reject>(ctx: &C) -> Outcome {
     }
     fragment::remember(&packet, &nat);
     count(stat::FORWARD_NEW);
+    Outcome::Translated
+}
+
+/// A packet of a tracked flow (either direction): rewritten as its entry says.
+#[inline(always)]
+fn translate_tracked<C: Rewrite>(ctx: &C, packet: &Parsed, nat: &FlowNat) -> Outcome {
+    if ctx.rewrite(packet, nat).is_err() {
+        count(stat::DROP_REWRITE_FAILED);
+        return Outcome::Drop;
+    }
+    fragment::remember(packet, nat);
+    count(if nat.flags & FLOW_F_REPLY != 0 {
+        stat::REVERSE_NAT
+    } else {
+        stat::FORWARD_ESTABLISHED
+    });
     Outcome::Translated
 }

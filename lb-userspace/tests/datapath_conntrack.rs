@@ -143,20 +143,20 @@ fn tcp_flow_is_embryonic_until_its_handshake_completes_then_closes_and_can_reope
 }
 
 #[test]
-fn a_first_packet_without_syn_stays_embryonic_until_the_backend_answers() {
+fn a_first_packet_without_syn_resumes_a_lost_flow_as_established_and_is_counted() {
     let Some(fx) = fixture("ct_mid_stream") else {
         return;
     };
-    // A flow whose entries were lost (e.g. evicted) resumes on its hash-chosen backend, but
-    // a lone non-SYN packet (as a spoofed ACK flood sends) is not trusted as established.
-    send(&fx, 40100, ACK);
-    send(&fx, 40100, ACK);
-    assert_eq!(states(&fx, 40100), Some(("syn_sent", "syn_sent")));
-    // The trace such a lost flow leaves (how LRU evictions show).
-    assert_eq!(fx.stat(stat::CT_NEW_WITHOUT_SYN), 1);
-    answer(&fx, 40100, ACK);
+    // A connection whose entries were lost (evicted, expired, older than the datapath)
+    // resumes on its hash-chosen backend: it has no handshake left, so it is established at
+    // once, and its replies (plain ACKs, data) are reverse-translated.
     send(&fx, 40100, ACK);
     assert_eq!(states(&fx, 40100), Some(("established", "established")));
+    answer(&fx, 40100, ACK);
+    send(&fx, 40100, ACK);
+    // The trace such a lost flow leaves (how LRU evictions show).
+    assert_eq!(fx.stat(stat::CT_NEW_WITHOUT_SYN), 1);
+    assert_eq!(fx.stat(stat::CT_PROMOTED), 0);
 }
 
 /// Entries per client (address:port as the client sees it), and the total entry count.
