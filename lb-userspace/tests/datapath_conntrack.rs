@@ -124,8 +124,23 @@ fn tcp_flow_is_embryonic_until_its_handshake_completes_then_closes_and_can_reope
     send(&fx, 40000, ACK);
     assert_eq!(states(&fx, 40000), Some(("established", "established")));
     assert_eq!(fx.stat(stat::CT_PROMOTED), 1);
-    // Promotion moved the entries: one pair in total.
+    // Promotion moved the entries: one pair in total, and `xlb conntrack` says so.
     assert_eq!(fx.conntrack().len(), 2);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_xlb"))
+        .args(["conntrack", "--pin-path"])
+        .arg(&fx.pin)
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{table}");
+    assert!(
+        table.contains("STATE") && table.contains("established"),
+        "{table}"
+    );
+    assert!(
+        table.contains("conntrack: 2 of 524288 established entries, 0 of 131072 embryonic"),
+        "{table}"
+    );
     send(&fx, 40000, FIN | ACK);
     assert_eq!(states(&fx, 40000), Some(("closing", "established")));
     answer(&fx, 40000, RST);
