@@ -1096,3 +1096,120 @@ fn conntrack_collector_forgets_ended_connections_and_keeps_open_ones() {
     // The idle connection still works, on the same backend.
     assert_eq!(open.request().unwrap().trim(), first);
 }
+
+/// S06, UDP half, the answer's direction: a backend that answers a 2000-byte datagram with
+/// the same 2000 bytes sends two fragments back, and both must be reverse-translated (the
+/// second by the record its first fragment left). The testbed's own UDP server answers with
+/// its name only, so this test runs an echo server of its own in pod-c (node2) behind a
+/// service of its own; clients on node1: pod-a (ClusterIP) and the external host (NodePort,
+/// masqueraded).
+#[test]
+fn s06_a_2000_byte_udp_answer_comes_back_through_the_service() {
+    let Some(c) = Cluster::start("s06_a_2000_byte_udp_answer_comes_back_through_the_service")
+    else {
+        return;
+    };
+    let big = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: echo, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.12
+  clusterIPs: [10.96.0.12]
+  ports:
+  - {name: echo, port: 53, targetPort: 5454, protocol: UDP, nodePort: 30054}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: echo-1
+  namespace: default
+  labels: {kubernetes.io/service-name: echo}
+addressType: IPv4
+endpoints:
+- addresses: [10.244.2.2]
+  conditions: {ready: true, serving: true, terminating: false}
+  nodeName: node2
+  targetRef: {kind: Pod, name: pod-c, namespace: default}
+ports:
+- {name: echo, port: 5454, protocol: UDP}
+"#;
+    std::fs::write(c.manifests.join("echo.yaml"), big).unwrap();
+    // The echo server: a socket made in pod-c's namespace, served by a thread of this test
+    // until the test ends.
+    let server =
+        c.tb.in_netns(&c.netns("pod-c"), || {
+            let sock = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 5454))?;
+            sock.set_read_timeout(Some(Duration::from_millis(200)))?;
+            Ok(sock)
+        })
+        .expect("echo socket in pod-c");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Stops the server thread (which closes the socket) also when an assertion fails.
+    struct StopOnDrop(std::sync::Arc<std::sync::atomic::AtomicBool>);
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    let stopper = StopOnDrop(stop.clone());
+    let echo = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok((n, peer)) = server.recv_from(&mut buf) {
+                    let _ = server.send_to(&buf[..n], peer);
+                }
+            }
+        })
+    };
+    for node in ["node1", "node2"] {
+        let pin = c.tb.node(node).pin_path.clone();
+        c.eventually("the echo service is programmed", || {
+            xlb::datapath::reader::services(&pin).is_ok_and(|rows| {
+                rows.iter()
+                    .any(|r| r.service.starts_with("default/echo") && r.backends.len() == 1)
+            })
+        });
+    }
+    let datagram: Vec<u8> = (0..2000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+    let echoed = |netns: &str, ip: Ipv4Addr, port: u16| -> anyhow::Result<Vec<u8>> {
+        c.tb.in_netns(netns, || {
+            let sock = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+            sock.set_read_timeout(Some(Duration::from_secs(3)))?;
+            // Connected: only an answer from exactly ip:port is received.
+            sock.connect((ip, port))?;
+            sock.send(&datagram)?;
+            let mut buf = [0u8; 4096];
+            let n = sock
+                .recv(&mut buf)
+                .map_err(|e| anyhow::anyhow!("no answer from {ip}:{port} in {netns}: {e}"))?;
+            Ok(buf[..n].to_vec())
+        })
+    };
+    let ext = c.tb.external().netns.clone();
+    let node1 = c.tb.node("node1").ip;
+    for _ in 0..3 {
+        let answer = echoed(&c.netns("pod-a"), Ipv4Addr::new(10, 96, 0, 12), 53);
+        assert!(
+            answer.as_ref().is_ok_and(|a| *a == datagram),
+            "pod-a: {answer:?}\n{}",
+            c.logs()
+        );
+        let answer = echoed(&ext, node1, 30054);
+        assert!(
+            answer.as_ref().is_ok_and(|a| *a == datagram),
+            "external: {answer:?}\n{}",
+            c.logs()
+        );
+    }
+    drop(stopper);
+    echo.join().unwrap();
+    // Node1 translated a second fragment for every request and every answer.
+    let translated = xlb_json(&["stats"], &c.tb.node("node1").pin_path)["forward_fragment"]
+        .as_u64()
+        .unwrap();
+    assert!(translated >= 12, "node1 forward_fragment {translated}");
+}
