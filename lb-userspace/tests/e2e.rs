@@ -1213,3 +1213,111 @@ ports:
         .unwrap();
     assert!(translated >= 12, "node1 forward_fragment {translated}");
 }
+
+/// S31: a backend's segment far outside the TCP window, on an established connection through
+/// the ClusterIP, reaches the client as the service (10.96.0.10:80), never with the backend's
+/// address: the datapath does not judge sequence numbers (docs/datapath.md, "Out-of-window and
+/// invalid TCP"). The segment is forged with a raw socket in the backend's namespace; a raw
+/// socket in the client's namespace sees what arrives.
+#[test]
+fn s31_an_out_of_window_segment_from_the_backend_reaches_the_client_as_the_service() {
+    let Some(c) = Cluster::start(
+        "s31_an_out_of_window_segment_from_the_backend_reaches_the_client_as_the_service",
+    ) else {
+        return;
+    };
+    let client_pod = c.tb.pod("pod-a").clone();
+    // A connection whose backend is another pod (not a hairpin).
+    let (connection, backend) = (0..20)
+        .map(|_| c.established(&client_pod.netns))
+        .find(|(_, backend)| backend != "pod-a")
+        .expect("a connection to another pod");
+    let client_port = connection.local_addr().unwrap().port();
+    let backend = c.tb.pod(&backend).clone();
+    const SEQ: u32 = 0x5eed_0bad;
+    let raw = |protocol: i32| -> std::io::Result<std::os::fd::OwnedFd> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: plain syscall; the descriptor is owned from here on.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, protocol) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+    };
+    // Listen first: every TCP packet that arrives in the client's namespace.
+    let listener =
+        c.tb.in_netns(&client_pod.netns, || Ok(raw(libc::IPPROTO_TCP)?))
+            .unwrap();
+    let mut segment = Vec::new();
+    etherparse::PacketBuilder::ipv4(backend.ip.octets(), client_pod.ip.octets(), 64)
+        .tcp(8080, client_port, SEQ, 502)
+        .ack(0x1234_5678)
+        .write(&mut segment, b"out of window")
+        .unwrap();
+    c.tb.in_netns(&backend.netns, || {
+        // IPPROTO_RAW: the segment goes out exactly as built (IP header included).
+        let sender = raw(libc::IPPROTO_RAW)?;
+        let to = libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(client_pod.ip).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        use std::os::fd::AsRawFd;
+        // SAFETY: valid buffer and address for the call's duration.
+        let sent = unsafe {
+            libc::sendto(
+                sender.as_raw_fd(),
+                segment.as_ptr().cast(),
+                segment.len(),
+                0,
+                (&to as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as u32,
+            )
+        };
+        anyhow::ensure!(sent >= 0, "{}", std::io::Error::last_os_error());
+        Ok(())
+    })
+    .unwrap();
+    // Read what arrives (bounded): the forged segment, recognised by its sequence number.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let arrived = loop {
+        assert!(
+            Instant::now() < deadline,
+            "the segment never arrived\n{}",
+            c.logs()
+        );
+        let mut buf = [0u8; 2048];
+        use std::os::fd::AsRawFd;
+        // SAFETY: valid buffer; MSG_DONTWAIT keeps the loop bounded by the deadline.
+        let n = unsafe {
+            libc::recv(
+                listener.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n <= 0 {
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        }
+        let Ok((ip, rest)) = etherparse::Ipv4Header::from_slice(&buf[..n as usize]) else {
+            continue;
+        };
+        let Ok((tcp, _)) = etherparse::TcpHeader::from_slice(rest) else {
+            continue;
+        };
+        if tcp.sequence_number == SEQ && tcp.destination_port == client_port {
+            break (Ipv4Addr::from(ip.source), tcp.source_port);
+        }
+    };
+    assert_eq!(
+        arrived,
+        (VIP, 80),
+        "the segment reached the client un-NATed"
+    );
+    drop(connection);
+}
