@@ -21,8 +21,15 @@ pub mod map_name {
     pub const SERVICES: &str = "XLB_SVC_V1";
     pub const BACKEND_SETS: &str = "XLB_BSET_V1";
     pub const BACKENDS: &str = "XLB_BACKEND_V1";
-    pub const CONNTRACK: &str = "XLB_CT_V1";
-    pub const STATS: &str = "XLB_STATS_V1";
+    /// Tracked flows. V2: `FlowNat` carries a TCP state; TCP flows enter only once their
+    /// handshake completed (embryonic ones live in `CONNTRACK_NEW`).
+    pub const CONNTRACK: &str = "XLB_CT_V2";
+    /// Embryonic TCP flows (SYN seen, handshake not completed), so a SYN flood evicts only
+    /// its own kind and never an established flow.
+    pub const CONNTRACK_NEW: &str = "XLB_CT_NEW_V1";
+    /// V2: room for `stat::CAPACITY` counters (V1 had exactly `COUNT`), so that new counters
+    /// no longer change the map.
+    pub const STATS: &str = "XLB_STATS_V2";
     /// V2: `DatapathConfig` grew `netns_cookie` (24 -> 32 bytes).
     pub const CONFIG: &str = "XLB_CONFIG_V2";
     /// Backend-set id -> service name, for `xlb services` (never read by the datapath).
@@ -35,12 +42,16 @@ pub mod map_name {
     pub const SOURCE_RANGES: &str = "XLB_SRCRANGE_V1";
     /// Sockets of node processes balanced at connect() (S18): cookie -> frontend, backend.
     pub const SOCKETS: &str = "XLB_SOCK_V2";
+    /// IP fragments: (source, destination, protocol, IP id) of a translated first fragment ->
+    /// the addresses its later fragments are rewritten to.
+    pub const FRAGMENTS: &str = "XLB_FRAG_V1";
     /// Every map, for pinning, adoption and clean-up.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 13] = [
         SERVICES,
         BACKEND_SETS,
         BACKENDS,
         CONNTRACK,
+        CONNTRACK_NEW,
         STATS,
         CONFIG,
         SET_NAMES,
@@ -48,6 +59,7 @@ pub mod map_name {
         AFFINITY,
         SOURCE_RANGES,
         SOCKETS,
+        FRAGMENTS,
     ];
 }
 
@@ -72,6 +84,12 @@ pub mod capacity {
     pub const SOCKETS: u32 = 65_536;
     /// Connection-tracking entries (two per flow: original and reply direction).
     pub const CONNTRACK: u32 = 524_288;
+    /// Embryonic TCP flows (two entries each); LRU. Sized for the flows a node opens within
+    /// a handshake time, not for every flow it tracks.
+    pub const CONNTRACK_NEW: u32 = 131_072;
+    /// Fragmented datagrams in flight; LRU. An entry is needed only between a datagram's first
+    /// and last fragment (microseconds), so a small table covers many concurrent datagrams.
+    pub const FRAGMENTS: u32 = 16_384;
 }
 
 pub const IPPROTO_TCP: u8 = 6;
@@ -326,9 +344,75 @@ pub struct FlowNat {
     pub flags: u32,
     /// Backend set the flow was balanced by (0 for none).
     pub backend_set: u32,
-    pub _pad: u32,
-    /// `bpf_ktime_get_ns()` of the last packet, refreshed at most about once a second.
+    /// `ct_state::*`: what this direction of a TCP flow has seen (0 for UDP).
+    pub state: u8,
+    pub _pad: [u8; 3],
+    /// `bpf_ktime_get_ns()` of the last packet, refreshed at most about once a second (at
+    /// once on a state change).
     pub last_seen_ns: u64,
+}
+
+impl FlowNat {
+    /// The key of the other direction's entry of the same flow: the rewritten tuple,
+    /// reversed (for either direction).
+    pub const fn other_direction(&self, proto: u8) -> FlowKey {
+        FlowKey {
+            saddr: self.daddr,
+            daddr: self.saddr,
+            sport: self.dport,
+            dport: self.sport,
+            proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// TCP states of a conntrack entry, in the order a connection goes through them (a flow's
+/// state is the later of its two directions'). The agent's garbage collector expires a flow
+/// by its state's timeout.
+pub mod ct_state {
+    /// UDP: no state.
+    pub const NONE: u8 = 0;
+    /// Embryonic: the client's SYN (or a first non-SYN packet) seen, nothing back yet.
+    pub const SYN_SENT: u8 = 1;
+    /// Embryonic: the backend answered (reply entry); the client's next packet completes it.
+    pub const SYN_RECV: u8 = 2;
+    /// Handshake completed: the flow lives in `CONNTRACK`.
+    pub const ESTABLISHED: u8 = 3;
+    /// A FIN seen: the connection is closing.
+    pub const CLOSING: u8 = 4;
+    /// A RST seen: kept a short grace so late retransmissions are still translated.
+    pub const CLOSED: u8 = 5;
+    pub const NAMES: [&str; 6] = [
+        "none",
+        "syn_sent",
+        "syn_recv",
+        "established",
+        "closing",
+        "closed",
+    ];
+}
+
+/// Key of `FRAGMENTS`: one fragmented datagram as its fragments arrive (RFC 791 identifies
+/// a datagram by source, destination, protocol and identification).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FragmentKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    /// IP identification, network byte order.
+    pub id: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// The addresses a datagram's first fragment was rewritten to; its later fragments (no L4
+/// header, so no ports) get the same address rewrite.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FragmentNat {
+    pub saddr: u32,
+    pub daddr: u32,
 }
 
 /// A node-process socket and a backend that connect4 or sendmsg4 sent it to instead of a
@@ -423,7 +507,8 @@ pub mod stat {
     pub const PASS_NOT_IPV4: u32 = 4;
     /// IPv4 but neither TCP nor UDP: passed untouched.
     pub const PASS_OTHER_PROTOCOL: u32 = 5;
-    /// IP fragment: passed untouched (fragments carry no ports to balance on).
+    /// A non-first IP fragment with no translated first fragment on record: passed
+    /// untouched (not a service flow, or it overtook its first fragment; see docs/datapath.md).
     pub const PASS_FRAGMENT: u32 = 6;
     /// Headers shorter than they claim, or a bad IHL: passed untouched.
     pub const PASS_MALFORMED: u32 = 7;
@@ -453,21 +538,41 @@ pub mod stat {
     /// Event, counted besides the packet's verdict: a UDP flow's backend left its set, so
     /// the flow was forgotten and this packet balanced afresh (S30).
     pub const UDP_FLOW_MOVED: u32 = 19;
+    /// A non-first IP fragment rewritten like its datagram's first fragment.
+    pub const FORWARD_FRAGMENT: u32 = 20;
+    /// Event, counted besides the packet's verdict: a translated first fragment whose
+    /// translation could not be recorded (its later fragments will pass untranslated).
+    pub const FRAGMENT_NOT_RECORDED: u32 = 21;
+    /// Event: an embryonic TCP flow completed its handshake and moved to `CONNTRACK`.
+    pub const CT_PROMOTED: u32 = 22;
+    /// Event: an embryonic flow could not be moved to `CONNTRACK` (it stays embryonic and
+    /// is retried on its next packet).
+    pub const CT_PROMOTE_FAILED: u32 = 23;
+    /// Event: a SYN reused the 5-tuple of a closed or closing flow, which was forgotten so
+    /// the new connection is balanced afresh.
+    pub const CT_REOPENED: u32 = 24;
+    /// Event: a TCP flow created by a packet without SYN, i.e. a connection whose entries
+    /// were lost (evicted under pressure, expired, or older than the datapath). The visible
+    /// trace of LRU evictions.
+    pub const CT_NEW_WITHOUT_SYN: u32 = 25;
     /// ICMP error about a client's packet to a backend (raised by the backend or a router on
     /// the way): quote and addresses translated back, sent on to the client (issue 5).
-    pub const ICMP_ERROR_TO_CLIENT: u32 = 20;
+    pub const ICMP_ERROR_TO_CLIENT: u32 = 26;
     /// ICMP error about a translated reply (raised on the client's side, addressed to the
     /// frontend or the masquerade address): translated and sent on to the backend (issue 5).
-    pub const ICMP_ERROR_TO_BACKEND: u32 = 21;
+    pub const ICMP_ERROR_TO_BACKEND: u32 = 27;
     /// ICMP error whose quote is shorter than an IPv4 header and 8 bytes of TCP/UDP: passed
     /// untouched (no ports to find the flow by).
-    pub const PASS_ICMP_SHORT_QUOTE: u32 = 22;
+    pub const PASS_ICMP_SHORT_QUOTE: u32 = 28;
     /// ICMP error quoting a TCP/UDP packet of no tracked flow: passed untouched.
-    pub const PASS_ICMP_UNKNOWN_FLOW: u32 = 23;
+    pub const PASS_ICMP_UNKNOWN_FLOW: u32 = 29;
     /// ICMP error whose outer or quoted IPv4 header has options: passed untouched (not
     /// translated; such errors are rare).
-    pub const PASS_ICMP_IP_OPTIONS: u32 = 24;
-    pub const COUNT: u32 = 25;
+    pub const PASS_ICMP_IP_OPTIONS: u32 = 30;
+    pub const COUNT: u32 = 31;
+    /// Entries of the stats map: new counters fit without a new map layout.
+    pub const CAPACITY: u32 = 64;
+    const _: () = assert!(COUNT <= CAPACITY);
 
     /// Names for metrics and `xlb stats`, indexed by reason.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -491,6 +596,12 @@ pub mod stat {
         "drop_no_local_backend",
         "drop_source_range",
         "udp_flow_moved",
+        "forward_fragment",
+        "fragment_not_recorded",
+        "ct_promoted",
+        "ct_promote_failed",
+        "ct_reopened",
+        "ct_new_without_syn",
         "icmp_error_to_client",
         "icmp_error_to_backend",
         "pass_icmp_short_quote",
@@ -515,6 +626,8 @@ const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 32);
 const _: () = assert!(core::mem::size_of::<SetName>() == 128);
 const _: () = assert!(core::mem::size_of::<SockPeer>() == 16);
 const _: () = assert!(core::mem::size_of::<SockFrontend>() == 8);
+const _: () = assert!(core::mem::size_of::<FragmentKey>() == 12);
+const _: () = assert!(core::mem::size_of::<FragmentNat>() == 8);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -536,4 +649,6 @@ mod pod {
     unsafe impl aya::Pod for SourceRange {}
     unsafe impl aya::Pod for SockPeer {}
     unsafe impl aya::Pod for SockFrontend {}
+    unsafe impl aya::Pod for FragmentKey {}
+    unsafe impl aya::Pod for FragmentNat {}
 }

@@ -1,17 +1,26 @@
 //! Connection tracking: one LRU entry per direction of a flow, each saying how to rewrite
 //! the packets that match it. Created on the first packet of a flow, refreshed by later ones.
+//!
+//! TCP flows start embryonic, in `CONNTRACK_NEW`, and move to `CONNTRACK` when the handshake
+//! completes (the backend answered, then the client sent a non-SYN packet): a flood of SYNs
+//! from random sources then evicts only other embryonic flows, never an established one. Each
+//! entry records the TCP state its direction has seen (`ct_state`); the agent's garbage
+//! collector expires flows by state (docs/datapath.md, "Conntrack lifecycle").
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::bpf_ktime_get_ns,
+    maps::LruHashMap,
 };
 use lb_common::{
-    stat, DatapathConfig, FlowKey, FlowNat, MemberKey, ServiceValue, BACKEND_F_LOCAL,
-    FLOW_F_ORIGINAL, FLOW_F_REPLY, FLOW_F_SNAT, IPPROTO_UDP, SVC_F_EXTERNAL,
+    ct_state, stat, DatapathConfig, FlowKey, FlowNat, MemberKey, ServiceValue, BACKEND_F_LOCAL,
+    FLOW_F_ORIGINAL, FLOW_F_REPLY, FLOW_F_SNAT, IPPROTO_TCP, IPPROTO_UDP, SVC_F_EXTERNAL,
 };
 
 use crate::{
     lookup::Choice,
-    maps::{CONNTRACK, MEMBERS},
+    maps::{CONNTRACK, CONNTRACK_NEW, MEMBERS},
+    parse::{Parsed, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    stats::count,
 };
 
 /// Refresh `last_seen_ns` at most this often: a write per packet would bounce the entry's
@@ -26,19 +35,158 @@ pub fn now() -> u64 {
     unsafe { bpf_ktime_get_ns() }
 }
 
-/// The translation of an already tracked flow (either direction), if any.
+/// The translation of an already tracked flow (either direction), if any, after recording
+/// what the packet says about the flow's state. `None` also for a SYN that reopens the
+/// 5-tuple of a closed flow: that flow is forgotten and the SYN balanced afresh.
+///
+/// Embryonic flows are looked up here only for packets that can be their replies (SYN-ACK,
+/// RST): the miss path of all other traffic (pod to pod, node) stays one lookup. Packets to a
+/// frontend find their embryonic flow through `embryonic` after the frontend look-up.
 #[inline(always)]
-pub fn lookup(flow: &FlowKey) -> Option<FlowNat> {
-    let entry = CONNTRACK.get_ptr_mut(flow)?;
-    let now = now();
-    // SAFETY: the entry stays valid for this program run (RCU); racing refreshes from other
-    // CPUs write the same kind of value and are harmless.
-    unsafe {
-        if now.wrapping_sub((*entry).last_seen_ns) > REFRESH_NS {
-            (*entry).last_seen_ns = now;
+pub fn lookup(packet: &Parsed) -> Option<FlowNat> {
+    let flow = &packet.flow;
+    let flags = packet.tcp_flags;
+    if let Some(entry) = CONNTRACK.get_ptr_mut(flow) {
+        let now = now();
+        // SAFETY: the entry stays valid for this program run (RCU); racing updates from other
+        // CPUs write the same kind of value and are harmless.
+        let entry = unsafe { &mut *entry };
+        if flow.proto == IPPROTO_TCP {
+            if reopens(&CONNTRACK, flow, entry, flags) {
+                return None;
+            }
+            advance(entry, flags, now);
+        } else if now.wrapping_sub(entry.last_seen_ns) > REFRESH_NS {
+            entry.last_seen_ns = now;
         }
-        Some(*entry)
+        return Some(*entry);
     }
+    let reply_like = flags & TCP_RST != 0 || flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK;
+    if flow.proto != IPPROTO_TCP || !reply_like {
+        return None;
+    }
+    embryonic(packet)
+}
+
+/// The translation of a tracked flow, established or embryonic, without recording anything
+/// about its state (for ICMP errors about the flow, which say nothing about TCP state).
+#[inline(always)]
+pub fn find(flow: &FlowKey) -> Option<FlowNat> {
+    // SAFETY: read-only copies of values the kernel keeps alive for this RCU section.
+    if let Some(entry) = CONNTRACK.get_ptr(flow) {
+        return Some(unsafe { *entry });
+    }
+    if flow.proto != IPPROTO_TCP {
+        return None;
+    }
+    CONNTRACK_NEW.get_ptr(flow).map(|entry| unsafe { *entry })
+}
+
+/// The embryonic TCP flow this packet belongs to, if any, after recording its state: the
+/// backend's answer marks the reply entry, and the client's next packet without SYN or RST
+/// then completes the handshake (`promote`).
+#[inline(always)]
+pub fn embryonic(packet: &Parsed) -> Option<FlowNat> {
+    let flow = &packet.flow;
+    let flags = packet.tcp_flags;
+    if flow.proto != IPPROTO_TCP {
+        return None;
+    }
+    let entry = CONNTRACK_NEW.get_ptr_mut(flow)?;
+    let now = now();
+    // SAFETY: as in `lookup`; copied out before a promotion deletes it.
+    let entry = unsafe { &mut *entry };
+    if reopens(&CONNTRACK_NEW, flow, entry, flags) {
+        return None;
+    }
+    advance(entry, flags, now);
+    let nat = *entry;
+    if nat.flags & FLOW_F_REPLY != 0 {
+        if nat.state < ct_state::SYN_RECV {
+            entry.state = ct_state::SYN_RECV;
+        }
+    } else if flags & (TCP_SYN | TCP_RST) == 0 && nat.state < ct_state::CLOSING {
+        promote(flow, &nat, now);
+    }
+    Some(nat)
+}
+
+/// Moves the state forward for a TCP flag (never back): RST closes, FIN starts closing.
+/// A state change refreshes `last_seen_ns` at once, so the collector's clock for the new
+/// state starts now.
+#[inline(always)]
+fn advance(entry: &mut FlowNat, flags: u8, now: u64) {
+    let next = if flags & TCP_RST != 0 {
+        ct_state::CLOSED
+    } else if flags & TCP_FIN != 0 {
+        ct_state::CLOSING
+    } else {
+        entry.state
+    };
+    if next > entry.state {
+        entry.state = next;
+        entry.last_seen_ns = now;
+    } else if now.wrapping_sub(entry.last_seen_ns) > REFRESH_NS {
+        entry.last_seen_ns = now;
+    }
+}
+
+/// A client's SYN on the 5-tuple of a flow that is closing or closed (either direction)
+/// starts a new connection (port reuse, e.g. after TIME_WAIT): both entries are removed.
+#[inline(always)]
+fn reopens(
+    table: &LruHashMap<FlowKey, FlowNat>,
+    flow: &FlowKey,
+    entry: &FlowNat,
+    flags: u8,
+) -> bool {
+    if flags & (TCP_SYN | TCP_ACK) != TCP_SYN || entry.flags & FLOW_F_ORIGINAL == 0 {
+        return false;
+    }
+    let other = entry.other_direction(flow.proto);
+    // SAFETY: copied out at once.
+    let other_state = table
+        .get_ptr(other)
+        .map(|e| unsafe { (*e).state })
+        .unwrap_or(0);
+    if entry.state < ct_state::CLOSING && other_state < ct_state::CLOSING {
+        return false;
+    }
+    let _ = table.remove(other);
+    let _ = table.remove(flow);
+    count(stat::CT_REOPENED);
+    true
+}
+
+/// The client's first packet after the backend answered completes the handshake: both
+/// entries move from `CONNTRACK_NEW` to `CONNTRACK`, established.
+#[inline(always)]
+fn promote(flow: &FlowKey, original: &FlowNat, now: u64) {
+    let reply_key = original.other_direction(flow.proto);
+    // SAFETY: copied out at once.
+    let Some(mut reply) = CONNTRACK_NEW.get_ptr(reply_key).map(|e| unsafe { *e }) else {
+        return;
+    };
+    if reply.state != ct_state::SYN_RECV {
+        return;
+    }
+    let mut original = *original;
+    original.state = ct_state::ESTABLISHED;
+    original.last_seen_ns = now;
+    reply.state = ct_state::ESTABLISHED;
+    reply.last_seen_ns = now;
+    if CONNTRACK.insert(reply_key, reply, BPF_ANY as u64).is_err() {
+        count(stat::CT_PROMOTE_FAILED);
+        return;
+    }
+    if CONNTRACK.insert(flow, original, BPF_ANY as u64).is_err() {
+        let _ = CONNTRACK.remove(reply_key);
+        count(stat::CT_PROMOTE_FAILED);
+        return;
+    }
+    let _ = CONNTRACK_NEW.remove(flow);
+    let _ = CONNTRACK_NEW.remove(reply_key);
+    count(stat::CT_PROMOTED);
 }
 
 /// Masquerade when the backend's reply would otherwise not come back through this node:
@@ -82,14 +230,7 @@ pub fn udp_backend_gone(flow: &FlowKey, nat: &FlowNat) -> bool {
     if MEMBERS.get_ptr(member).is_some() {
         return false;
     }
-    let reply = FlowKey {
-        saddr: nat.daddr,
-        daddr: nat.saddr,
-        sport: nat.dport,
-        dport: nat.sport,
-        proto: flow.proto,
-        _pad: [0; 3],
-    };
+    let reply = nat.other_direction(flow.proto);
     let _ = CONNTRACK.remove(reply);
     let _ = CONNTRACK.remove(flow);
     true
@@ -102,18 +243,44 @@ pub fn in_cluster(cfg: &DatapathConfig, addr: u32) -> bool {
     addr & cfg.cluster_cidr_mask == cfg.cluster_cidr_addr
 }
 
-/// Tracks a new flow to `backend` and returns the translation for its first packet.
+/// Whether a TCP reply tuple is taken in the table a new flow is *not* created in. Each map
+/// named directly: the verifier must see a map pointer at every lookup.
+#[inline(always)]
+fn tracked_in_other_table(resumed: bool, key: &FlowKey) -> bool {
+    if resumed {
+        CONNTRACK_NEW.get_ptr(key).is_some()
+    } else {
+        CONNTRACK.get_ptr(key).is_some()
+    }
+}
+
+/// Tracks a new flow to `backend` and returns the translation for its first packet. TCP
+/// flows opened by a SYN start embryonic (`CONNTRACK_NEW`); UDP flows and resumed TCP flows
+/// go straight to `CONNTRACK`.
 #[inline(always)]
 pub fn create(
     cfg: &DatapathConfig,
     flow: &FlowKey,
     service: &ServiceValue,
     choice: &Choice,
+    tcp_flags: u8,
 ) -> Result<FlowNat, u32> {
     let cfg = *cfg;
     let backend = &choice.backend;
     let backend_set = choice.set;
     let now = now();
+    let tcp = flow.proto == IPPROTO_TCP;
+    // A TCP flow whose first packet has no SYN is a connection that lost its entries (see
+    // `CT_NEW_WITHOUT_SYN`): it has no handshake left to wait for, and its replies (plain
+    // ACKs and data) are looked up only in CONNTRACK.
+    let resumed = tcp && tcp_flags & TCP_SYN == 0;
+    let (table, state) = if !tcp {
+        (&CONNTRACK, ct_state::NONE)
+    } else if resumed {
+        (&CONNTRACK, ct_state::ESTABLISHED)
+    } else {
+        (&CONNTRACK_NEW, ct_state::SYN_SENT)
+    };
     let mut original = FlowNat {
         saddr: flow.saddr,
         daddr: backend.addr,
@@ -121,7 +288,8 @@ pub fn create(
         dport: backend.port,
         flags: FLOW_F_ORIGINAL,
         backend_set,
-        _pad: 0,
+        state,
+        _pad: [0; 3],
         last_seen_ns: now,
     };
     let mut reply = FlowNat {
@@ -131,7 +299,8 @@ pub fn create(
         dport: flow.sport,
         flags: FLOW_F_REPLY,
         backend_set,
-        _pad: 0,
+        state,
+        _pad: [0; 3],
         last_seen_ns: now,
     };
     let mut reply_key = FlowKey {
@@ -154,11 +323,12 @@ pub fn create(
         for i in 0..SNAT_TRIES {
             let port = (min + (start + i * 7919) % range) as u16;
             reply_key.dport = port.to_be();
-            // NOEXIST: a port already used towards this backend belongs to another flow.
-            if CONNTRACK
-                .insert(reply_key, reply, BPF_NOEXIST as u64)
-                .is_ok()
-            {
+            // A port already used towards this backend belongs to another flow, in the
+            // other TCP table or (NOEXIST) in the table we insert into.
+            if tcp && tracked_in_other_table(resumed, &reply_key) {
+                continue;
+            }
+            if table.insert(reply_key, reply, BPF_NOEXIST as u64).is_ok() {
                 original.sport = port.to_be();
                 found = true;
                 break;
@@ -167,12 +337,15 @@ pub fn create(
         if !found {
             return Err(stat::DROP_SNAT_EXHAUSTED);
         }
-    } else if CONNTRACK.insert(reply_key, reply, BPF_ANY as u64).is_err() {
+    } else if table.insert(reply_key, reply, BPF_ANY as u64).is_err() {
         return Err(stat::DROP_CONNTRACK_FULL);
     }
-    if CONNTRACK.insert(flow, original, BPF_ANY as u64).is_err() {
-        let _ = CONNTRACK.remove(reply_key);
+    if table.insert(flow, original, BPF_ANY as u64).is_err() {
+        let _ = table.remove(reply_key);
         return Err(stat::DROP_CONNTRACK_FULL);
+    }
+    if resumed {
+        count(stat::CT_NEW_WITHOUT_SYN);
     }
     Ok(original)
 }

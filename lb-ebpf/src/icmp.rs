@@ -146,7 +146,7 @@ pub fn process<C: Patch>(ctx: &C) -> Outcome {
         proto: inner.proto,
         _pad: [0; 3],
     };
-    let Some(nat) = conntrack::lookup(&reversed) else {
+    let Some(nat) = conntrack::find(&reversed) else {
         count(stat::PASS_ICMP_UNKNOWN_FLOW);
         return Outcome::Pass;
     };

@@ -18,6 +18,7 @@ mod checksum;
 mod conntrack;
 mod context;
 mod forward;
+mod fragment;
 mod icmp;
 mod lookup;
 mod maps;

@@ -9,8 +9,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     capacity, stat, AffinityKey, AffinityValue, Backend, BackendSet, BackendSlot, DatapathConfig,
-    FlowKey, FlowNat, MemberKey, ServiceKey, ServiceValue, SetName, SockFrontend, SockPeer,
-    SourceRange,
+    FlowKey, FlowNat, FragmentKey, FragmentNat, MemberKey, ServiceKey, ServiceValue, SetName,
+    SockFrontend, SockPeer, SourceRange,
 };
 
 /// Control-plane maps are written by the agent only: allocate entries as they are written
@@ -30,11 +30,17 @@ pub static BACKEND_SETS: HashMap<u32, BackendSet> =
 pub static BACKENDS: HashMap<BackendSlot, Backend> = HashMap::pinned(capacity::BACKENDS, ON_DEMAND);
 
 /// LRU: under pressure the least recently used flows go first, never a new insert failing.
-#[map(name = "XLB_CT_V1")]
+/// Established TCP flows and UDP flows; the agent's collector deletes expired ones.
+#[map(name = "XLB_CT_V2")]
 pub static CONNTRACK: LruHashMap<FlowKey, FlowNat> = LruHashMap::pinned(capacity::CONNTRACK, 0);
 
-#[map(name = "XLB_STATS_V1")]
-pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stat::COUNT, 0);
+/// Embryonic TCP flows, in their own LRU so that a SYN flood evicts only its own kind.
+#[map(name = "XLB_CT_NEW_V1")]
+pub static CONNTRACK_NEW: LruHashMap<FlowKey, FlowNat> =
+    LruHashMap::pinned(capacity::CONNTRACK_NEW, 0);
+
+#[map(name = "XLB_STATS_V2")]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stat::CAPACITY, 0);
 
 #[map(name = "XLB_CONFIG_V2")]
 pub static CONFIG: Array<DatapathConfig> = Array::pinned(1, 0);
@@ -58,6 +64,12 @@ pub static SOURCE_RANGES: LpmTrie<SourceRange, u32> = LpmTrie::pinned(capacity::
 /// and backend. LRU: closed sockets are never deleted explicitly, they age out.
 #[map(name = "XLB_SOCK_V2")]
 pub static SOCKETS: LruHashMap<SockPeer, SockFrontend> = LruHashMap::pinned(capacity::SOCKETS, 0);
+
+/// LRU: a datagram's record is needed only until its last fragment has passed; older ones
+/// are overwritten by newer datagrams, never a new insert failing.
+#[map(name = "XLB_FRAG_V1")]
+pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentNat> =
+    LruHashMap::pinned(capacity::FRAGMENTS, 0);
 
 /// The agent's settings (an all-zero config until it has written one).
 #[inline(always)]

@@ -11,9 +11,29 @@ use crate::{
 
 pub trait Rewrite: Packet {
     fn rewrite(&self, packet: &Parsed, to: &FlowNat) -> Result<(), ()>;
+    /// Replaces only the IPv4 addresses (`from` and `to` are (source, destination)), fixing
+    /// the header checksum: for later fragments, whose L4 checksum sits in the first fragment.
+    fn rewrite_addresses(&self, from: (u32, u32), to: (u32, u32)) -> Result<(), ()>;
 }
 
 impl Rewrite for Xdp<'_> {
+    #[inline(always)]
+    fn rewrite_addresses(&self, from: (u32, u32), to: (u32, u32)) -> Result<(), ()> {
+        let ip_csum = ptr_at::<_, u16>(self, IP_CSUM_OFF).ok_or(())?;
+        let saddr = ptr_at::<_, u32>(self, IP_SADDR_OFF).ok_or(())?;
+        let daddr = ptr_at::<_, u32>(self, IP_DADDR_OFF).ok_or(())?;
+        // SAFETY: every pointer was bounds-checked against data_end just above.
+        unsafe {
+            let mut ip = core::ptr::read_unaligned(ip_csum);
+            ip = checksum::replace32(ip, from.0, to.0);
+            ip = checksum::replace32(ip, from.1, to.1);
+            core::ptr::write_unaligned(ip_csum, ip);
+            core::ptr::write_unaligned(saddr, to.0);
+            core::ptr::write_unaligned(daddr, to.1);
+        }
+        Ok(())
+    }
+
     #[inline(always)]
     fn rewrite(&self, packet: &Parsed, to: &FlowNat) -> Result<(), ()> {
         let from = &packet.flow;
@@ -52,6 +72,22 @@ impl Rewrite for Xdp<'_> {
 }
 
 impl Rewrite for Tc<'_> {
+    #[inline(always)]
+    fn rewrite_addresses(&self, from: (u32, u32), to: (u32, u32)) -> Result<(), ()> {
+        let ctx = self.0;
+        if from.0 != to.0 {
+            ctx.l3_csum_replace(IP_CSUM_OFF, from.0 as u64, to.0 as u64, 4)
+                .map_err(|_| ())?;
+            ctx.store(IP_SADDR_OFF, &to.0, 0).map_err(|_| ())?;
+        }
+        if from.1 != to.1 {
+            ctx.l3_csum_replace(IP_CSUM_OFF, from.1 as u64, to.1 as u64, 4)
+                .map_err(|_| ())?;
+            ctx.store(IP_DADDR_OFF, &to.1, 0).map_err(|_| ())?;
+        }
+        Ok(())
+    }
+
     /// The skb helpers know whether the L4 checksum is complete or CHECKSUM_PARTIAL
     /// (packets from local pods), and update it the right way for each.
     #[inline(always)]

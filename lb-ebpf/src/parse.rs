@@ -1,18 +1,27 @@
 //! Parse stage: Ethernet + IPv4 + TCP/UDP into a small description of the packet.
-//! Anything that is not a well-formed, unfragmented IPv4 TCP/UDP packet is reported with
-//! the counter that explains why it is passed untouched.
+//! Anything that is not a well-formed IPv4 TCP/UDP packet carrying its L4 header (whole, or
+//! the first fragment of a datagram) is reported with the counter that explains why it is
+//! passed untouched. Later fragments are reported as `PASS_FRAGMENT`: the fragment stage
+//! (fragment.rs) gives them their first fragment's translation when there is one.
 use lb_common::{stat, FlowKey, IPPROTO_TCP, IPPROTO_UDP};
 
 use crate::context::{read_at, Packet};
 
 pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
-const IP_MF: u16 = 0x2000;
-const IP_OFFSET: u16 = 0x1fff;
+pub const IP_MF: u16 = 0x2000;
+pub const IP_OFFSET: u16 = 0x1fff;
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 /// Ethernet + the longest IPv4 header + a TCP header without options.
 pub const MAX_HEADERS: usize = ETH_HLEN + 60 + 20;
 
 /// Offsets of fields the rewrite stage touches, relative to the packet start.
+pub const IP_ID_OFF: usize = ETH_HLEN + 4;
+pub const IP_FRAG_OFF: usize = ETH_HLEN + 6;
+pub const IP_PROTO_OFF: usize = ETH_HLEN + 9;
 pub const IP_CSUM_OFF: usize = ETH_HLEN + 10;
 pub const IP_SADDR_OFF: usize = ETH_HLEN + 12;
 pub const IP_DADDR_OFF: usize = ETH_HLEN + 16;
@@ -24,6 +33,13 @@ pub struct Parsed {
     pub l4_off: usize,
     /// Offset of the TCP/UDP checksum field.
     pub l4_csum_off: usize,
+    /// The first fragment of a fragmented datagram (MF set, offset 0): its translation is
+    /// recorded for the later fragments.
+    pub first_fragment: bool,
+    /// IP identification, network byte order (meaningful for fragments).
+    pub ip_id: u16,
+    /// TCP flags byte (`TCP_*`); 0 for UDP.
+    pub tcp_flags: u8,
 }
 
 #[inline(always)]
@@ -47,14 +63,17 @@ pub fn parse<C: Packet>(ctx: &C) -> Result<Parsed, u32> {
     if tot_len < ip_len || ctx.len() < ETH_HLEN + tot_len {
         return Err(stat::PASS_MALFORMED);
     }
-    let frag = u16::from_be(read_at::<C, u16>(ctx, ETH_HLEN + 6).ok_or(stat::PASS_MALFORMED)?);
-    let proto: u8 = read_at(ctx, ETH_HLEN + 9).ok_or(stat::PASS_MALFORMED)?;
+    let frag = u16::from_be(read_at::<C, u16>(ctx, IP_FRAG_OFF).ok_or(stat::PASS_MALFORMED)?);
+    let ip_id: u16 = read_at(ctx, IP_ID_OFF).ok_or(stat::PASS_MALFORMED)?;
+    let proto: u8 = read_at(ctx, IP_PROTO_OFF).ok_or(stat::PASS_MALFORMED)?;
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return Err(stat::PASS_OTHER_PROTOCOL);
     }
-    if frag & (IP_MF | IP_OFFSET) != 0 {
+    // Only a datagram's first fragment carries the L4 header.
+    if frag & IP_OFFSET != 0 {
         return Err(stat::PASS_FRAGMENT);
     }
+    let first_fragment = frag & IP_MF != 0;
     let saddr: u32 = read_at(ctx, IP_SADDR_OFF).ok_or(stat::PASS_MALFORMED)?;
     let daddr: u32 = read_at(ctx, IP_DADDR_OFF).ok_or(stat::PASS_MALFORMED)?;
     let l4_off = ETH_HLEN + ip_len;
@@ -70,6 +89,11 @@ pub fn parse<C: Packet>(ctx: &C) -> Result<Parsed, u32> {
     let sport: u16 = read_at(ctx, l4_off).ok_or(stat::PASS_MALFORMED)?;
     let dport: u16 = read_at(ctx, l4_off + 2).ok_or(stat::PASS_MALFORMED)?;
     read_at::<C, u16>(ctx, l4_csum_off).ok_or(stat::PASS_MALFORMED)?;
+    let tcp_flags: u8 = if proto == IPPROTO_TCP {
+        read_at(ctx, l4_off + 13).ok_or(stat::PASS_MALFORMED)?
+    } else {
+        0
+    };
     Ok(Parsed {
         flow: FlowKey {
             saddr,
@@ -81,5 +105,8 @@ pub fn parse<C: Packet>(ctx: &C) -> Result<Parsed, u32> {
         },
         l4_off,
         l4_csum_off,
+        first_fragment,
+        ip_id,
+        tcp_flags,
     })
 }

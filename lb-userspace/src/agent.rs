@@ -45,6 +45,9 @@ pub struct AgentConfig {
     pub ready_file: Option<PathBuf>,
     /// cgroup v2 directory the connect4 program (S18) attaches to; `None`: off.
     pub cgroup_path: Option<PathBuf>,
+    /// Conntrack expiry by state, and how often the collector sweeps.
+    pub conntrack_timeouts: crate::datapath::conntrack_gc::Timeouts,
+    pub conntrack_gc_interval: Duration,
 }
 
 /// The first cgroup v2 mount in /proc/self/mounts (`/sys/fs/cgroup` on unified hosts,
@@ -163,6 +166,18 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         cluster_cidr: cfg.cluster_cidr,
     };
     info!(node = node.node_name.as_str(), node_ips = ?node.node_ips, pin_path = %cfg.pin_path.display(), "datapath loaded");
+
+    // Conntrack garbage collector: LRU maps have no expiry of their own.
+    {
+        let (pin, timeouts, interval) = (
+            cfg.pin_path.clone(),
+            cfg.conntrack_timeouts,
+            cfg.conntrack_gc_interval,
+        );
+        std::thread::Builder::new()
+            .name("conntrack-gc".into())
+            .spawn(move || crate::datapath::conntrack_gc::run(&pin, timeouts, interval))?;
+    }
 
     let mut pods = PodInterfaces::new(cfg.pod_interfaces.clone());
     pods.sync(&mut datapath);

@@ -1,6 +1,6 @@
 //! `xlb`: the agent (`xlb run`) and the operator's view of the datapath
 //! (`xlb services`, `xlb conntrack`, `xlb stats`).
-use std::{net::Ipv4Addr, path::PathBuf};
+use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -92,6 +92,25 @@ struct RunArgs {
     /// at connect() (S18); default: the first cgroup2 mount. `off` disables it.
     #[arg(long, value_name = "DIR|off")]
     cgroup_path: Option<PathBuf>,
+    /// Conntrack: seconds an established TCP flow may stay idle (kube-proxy's default, 24 h).
+    #[arg(long, value_name = "SECONDS", default_value_t = 86_400)]
+    ct_tcp_established_timeout: u64,
+    /// Conntrack: seconds a TCP flow may stay idle after a FIN.
+    #[arg(long, value_name = "SECONDS", default_value_t = 120)]
+    ct_tcp_closing_timeout: u64,
+    /// Conntrack: seconds a TCP flow is kept after a RST (late retransmissions are still
+    /// translated meanwhile).
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    ct_tcp_closed_timeout: u64,
+    /// Conntrack: seconds an embryonic TCP flow (handshake not completed) may stay idle.
+    #[arg(long, value_name = "SECONDS", default_value_t = 120)]
+    ct_syn_timeout: u64,
+    /// Conntrack: seconds a UDP flow may stay idle.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    ct_udp_timeout: u64,
+    /// Conntrack: seconds between two sweeps of the garbage collector.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    ct_gc_interval: u64,
 }
 
 #[derive(clap::Args)]
@@ -150,6 +169,14 @@ fn main() -> Result<()> {
                     Some(p) => Some(p),
                     None => agent::cgroup2_mount(),
                 },
+                conntrack_timeouts: xlb::datapath::conntrack_gc::Timeouts {
+                    tcp_syn: Duration::from_secs(args.ct_syn_timeout),
+                    tcp_established: Duration::from_secs(args.ct_tcp_established_timeout),
+                    tcp_closing: Duration::from_secs(args.ct_tcp_closing_timeout),
+                    tcp_closed: Duration::from_secs(args.ct_tcp_closed_timeout),
+                    udp: Duration::from_secs(args.ct_udp_timeout),
+                },
+                conntrack_gc_interval: Duration::from_secs(args.ct_gc_interval),
             };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -190,6 +217,7 @@ fn main() -> Result<()> {
                             } else {
                                 "".into()
                             },
+                            r.state.to_string(),
                             format!("{}s", r.idle_seconds),
                         ]
                     })
@@ -201,10 +229,11 @@ fn main() -> Result<()> {
                         "PACKET",
                         "REWRITTEN TO",
                         "MASQ",
+                        "STATE",
                         "IDLE",
                     ],
                     &table,
-                )
+                ) + &occupancy_line(&a.pin_path)
             })
         }
         Command::Stats(a) => {
@@ -240,6 +269,21 @@ fn parse_listen(s: &str) -> Result<Listen, String> {
     s.parse()
         .map(|a| Listen(Some(a)))
         .map_err(|e| format!("{s:?}: {e} (ADDRESS:PORT or off)"))
+}
+
+/// `xlb conntrack`'s last line: how full both conntrack tables are (pressure shows here
+/// before flows are evicted).
+fn occupancy_line(pin_path: &std::path::Path) -> String {
+    match reader::conntrack_occupancy(pin_path) {
+        Ok(o) => format!(
+            "\nconntrack: {} of {} established entries, {} of {} embryonic\n",
+            o.established_entries,
+            o.established_capacity,
+            o.embryonic_entries,
+            o.embryonic_capacity
+        ),
+        Err(e) => format!("\nconntrack occupancy unavailable: {e:#}\n"),
+    }
 }
 
 fn print<T: serde::Serialize>(

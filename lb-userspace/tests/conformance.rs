@@ -10,6 +10,8 @@ fn source_of(prefix: &str) -> String {
         "e2e" => "tests/e2e.rs",
         "datapath" => "tests/datapath.rs",
         "datapath_reject" => "tests/datapath_reject.rs",
+        "datapath_fragments" => "tests/datapath_fragments.rs",
+        "datapath_conntrack" => "tests/datapath_conntrack.rs",
         "compute" => "src/model/compute.rs",
         other => panic!("unknown test file prefix {other:?} in docs/conformance.md"),
     };

@@ -1,7 +1,9 @@
 //! Loading, attaching and pinning the eBPF programs (`loader`), the only writer of BPF maps
-//! (`writer`), and read-only views of pinned maps for operators (`reader`).
+//! (`writer`), read-only views of pinned maps for operators (`reader`), and the conntrack
+//! garbage collector (`conntrack_gc`).
 use clap::ValueEnum;
 
+pub mod conntrack_gc;
 mod loader;
 pub mod reader;
 pub mod writer;

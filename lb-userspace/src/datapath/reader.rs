@@ -9,8 +9,9 @@ use std::{
 use anyhow::{Context, Result};
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use lb_common::{
-    map_name, stat, Backend, BackendSet, BackendSlot, DatapathConfig, FlowKey, FlowNat, ServiceKey,
-    ServiceValue, SetName, FLOW_F_REPLY, FLOW_F_SNAT, IPPROTO_TCP, IPPROTO_UDP, SVC_F_EXTERNAL,
+    ct_state, map_name, stat, Backend, BackendSet, BackendSlot, DatapathConfig, FlowKey, FlowNat,
+    ServiceKey, ServiceValue, SetName, FLOW_F_REPLY, FLOW_F_SNAT, IPPROTO_TCP, IPPROTO_UDP,
+    SVC_F_EXTERNAL,
 };
 use serde::Serialize;
 
@@ -104,17 +105,18 @@ pub struct FlowRow {
     pub nat_from: String,
     pub nat_to: String,
     pub masquerade: bool,
+    /// TCP state this direction has seen (`ct_state::NAMES`; "none" for UDP). "syn_sent"
+    /// and "syn_recv" entries are embryonic (in `XLB_CT_NEW_V1`).
+    pub state: &'static str,
     pub idle_seconds: u64,
 }
 
-/// Every conntrack entry, original direction first.
+/// Every conntrack entry, established and embryonic, original direction first.
 pub fn conntrack(pin_path: &Path) -> Result<Vec<FlowRow>> {
-    let ct: HashMap<MapData, FlowKey, FlowNat> = open(pin_path, map_name::CONNTRACK)?.try_into()?;
     let now = monotonic_ns();
     let addr = |a: u32, p: u16| format!("{}:{}", Ipv4Addr::from(u32::from_be(a)), u16::from_be(p));
     let mut rows = Vec::new();
-    for entry in ct.iter() {
-        let (k, v) = entry?;
+    for (k, v) in conntrack_entries(pin_path)? {
         rows.push(FlowRow {
             direction: if v.flags & FLOW_F_REPLY != 0 {
                 "reply"
@@ -127,11 +129,52 @@ pub fn conntrack(pin_path: &Path) -> Result<Vec<FlowRow>> {
             nat_from: addr(v.saddr, v.sport),
             nat_to: addr(v.daddr, v.dport),
             masquerade: v.flags & FLOW_F_SNAT != 0,
+            state: ct_state::NAMES
+                .get(usize::from(v.state))
+                .copied()
+                .unwrap_or("?"),
             idle_seconds: now.saturating_sub(v.last_seen_ns) / 1_000_000_000,
         });
     }
     rows.sort_by(|a, b| (a.direction, &a.from, &a.to).cmp(&(b.direction, &b.from, &b.to)));
     Ok(rows)
+}
+
+/// The raw entries of both conntrack tables (`XLB_CT_V2`, then `XLB_CT_NEW_V1`).
+pub fn conntrack_entries(pin_path: &Path) -> Result<Vec<(FlowKey, FlowNat)>> {
+    let mut out = Vec::new();
+    for name in [map_name::CONNTRACK, map_name::CONNTRACK_NEW] {
+        let ct: HashMap<MapData, FlowKey, FlowNat> = open(pin_path, name)?.try_into()?;
+        for entry in ct.iter() {
+            out.push(entry?);
+        }
+    }
+    Ok(out)
+}
+
+/// How full the conntrack tables are.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+pub struct ConntrackOccupancy {
+    /// Entries in `XLB_CT_V2` (established TCP and UDP, two per flow) and its capacity.
+    pub established_entries: u64,
+    pub established_capacity: u64,
+    /// Entries in `XLB_CT_NEW_V1` (embryonic TCP) and its capacity.
+    pub embryonic_entries: u64,
+    pub embryonic_capacity: u64,
+}
+
+/// Counts the entries of both conntrack tables (a walk of their keys: one syscall each).
+pub fn conntrack_occupancy(pin_path: &Path) -> Result<ConntrackOccupancy> {
+    let count = |name: &str| -> Result<u64> {
+        let ct: HashMap<MapData, FlowKey, FlowNat> = open(pin_path, name)?.try_into()?;
+        Ok(ct.keys().filter(|k| k.is_ok()).count() as u64)
+    };
+    Ok(ConntrackOccupancy {
+        established_entries: count(map_name::CONNTRACK)?,
+        established_capacity: u64::from(lb_common::capacity::CONNTRACK),
+        embryonic_entries: count(map_name::CONNTRACK_NEW)?,
+        embryonic_capacity: u64::from(lb_common::capacity::CONNTRACK_NEW),
+    })
 }
 
 /// Verdict counters summed over CPUs, by reason name.

@@ -36,7 +36,12 @@ impl Fixture {
             std::process::id()
         ));
         let _ = std::fs::remove_dir_all(&pin);
-        let mut datapath = Datapath::load(&pin).expect("load datapath");
+        // A failed load (e.g. the verifier rejects a program) has pinned maps already and
+        // no Fixture exists yet to remove them on drop: remove them here.
+        let mut datapath = Datapath::load(&pin).unwrap_or_else(|e| {
+            let _ = std::fs::remove_dir_all(&pin);
+            panic!("load datapath: {e:?}")
+        });
         let mut writer = datapath.writer().expect("map writer");
         writer
             .write_config(&DatapathConfig {

@@ -1,0 +1,380 @@
+//! Conntrack lifecycle through BPF_PROG_TEST_RUN: TCP state per direction (embryonic until
+//! the handshake completes, then established, closing, closed), the agent's garbage collector
+//! run on the real maps with its own clock, and a SYN flood that must not evict established
+//! flows. Real programs in the real kernel, maps seeded by the agent's own writer.
+mod common;
+
+use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
+
+use common::Fixture;
+use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+use lb_common::{ct_state, stat, Backend, ServiceKey, IPPROTO_TCP, IPPROTO_UDP};
+use xlb::{
+    bench::packets::tcp_frame,
+    datapath::{
+        conntrack_gc::{Collector, Timeouts},
+        reader::{self, monotonic_ns},
+    },
+    model::{DesiredState, Frontend, FrontendKind},
+};
+
+const XDP_PASS: u32 = 2;
+const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
+const FIN: u8 = 0x01;
+const RST: u8 = 0x04;
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const CLIENT_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
+/// The one backend, on another node; clients inside the cluster CIDR are not masqueraded.
+const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 2);
+
+/// ClusterIP VIP:80/TCP -> BACKEND:8080 and VIP:53/UDP -> BACKEND:5353.
+fn fixture(test: &str) -> Option<Fixture> {
+    let mut fx = Fixture::load(test)?;
+    let mut desired = DesiredState::default();
+    for (set, port) in [
+        ("default/web:http/TCP", 8080),
+        ("default/web:dns/UDP", 5353),
+    ] {
+        desired
+            .backend_sets
+            .insert(set.into(), vec![Backend::new(BACKEND, port, 0)]);
+    }
+    desired.frontends.insert(
+        ServiceKey::new(VIP, 80, IPPROTO_TCP),
+        Frontend::new("default/web:http/TCP", FrontendKind::ClusterIp, 0),
+    );
+    desired.frontends.insert(
+        ServiceKey::new(VIP, 53, IPPROTO_UDP),
+        Frontend::new("default/web:dns/UDP", FrontendKind::ClusterIp, 0),
+    );
+    fx.apply(&desired);
+    Some(fx)
+}
+
+/// The client's segment to the service / the backend's segment back to the client.
+fn to_service(port: u16, flags: u8) -> Vec<u8> {
+    tcp_frame((CLIENT_POD, port), (VIP, 80), flags, b"")
+}
+fn from_backend(port: u16, flags: u8) -> Vec<u8> {
+    tcp_frame((BACKEND, 8080), (CLIENT_POD, port), flags, b"")
+}
+
+/// (source, destination) of an output frame.
+fn endpoints(frame: &[u8]) -> ((Ipv4Addr, u16), (Ipv4Addr, u16)) {
+    let p = SlicedPacket::from_ethernet(frame).expect("output parses");
+    let Some(NetSlice::Ipv4(ip)) = p.net else {
+        panic!("not IPv4")
+    };
+    let (src, dst) = (ip.header().source_addr(), ip.header().destination_addr());
+    match p.transport.expect("transport") {
+        TransportSlice::Tcp(t) => ((src, t.source_port()), (dst, t.destination_port())),
+        TransportSlice::Udp(u) => ((src, u.source_port()), (dst, u.destination_port())),
+        other => panic!("unexpected transport {other:?}"),
+    }
+}
+
+/// Runs the client's segment and checks it went to the backend.
+fn send(fx: &Fixture, port: u16, flags: u8) {
+    let (verdict, out) = fx.run_xdp(&to_service(port, flags));
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(endpoints(&out).1, (BACKEND, 8080), "client port {port}");
+}
+
+/// Runs the backend's segment and checks it was reverse-translated to the VIP.
+fn answer(fx: &Fixture, port: u16, flags: u8) {
+    let (verdict, out) = fx.run_xdp(&from_backend(port, flags));
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(endpoints(&out).0, (VIP, 80), "reply to client port {port}");
+}
+
+/// A completed handshake on client port `port`.
+fn handshake(fx: &Fixture, port: u16) {
+    send(fx, port, SYN);
+    answer(fx, port, SYN | ACK);
+    send(fx, port, ACK);
+}
+
+/// The TCP state of each direction of the flow from CLIENT_POD:`port`: (original, reply).
+fn states(fx: &Fixture, port: u16) -> Option<(&'static str, &'static str)> {
+    let rows = fx.conntrack();
+    let client = format!("{CLIENT_POD}:{port}");
+    let original = rows
+        .iter()
+        .find(|r| r.direction == "original" && r.from == client)?;
+    let reply = rows
+        .iter()
+        .find(|r| r.direction == "reply" && r.to == client)?;
+    Some((original.state, reply.state))
+}
+
+#[test]
+fn tcp_flow_is_embryonic_until_its_handshake_completes_then_closes_and_can_reopen() {
+    let Some(fx) = fixture("ct_tcp_states") else {
+        return;
+    };
+    send(&fx, 40000, SYN);
+    assert_eq!(states(&fx, 40000), Some(("syn_sent", "syn_sent")));
+    answer(&fx, 40000, SYN | ACK);
+    assert_eq!(states(&fx, 40000), Some(("syn_sent", "syn_recv")));
+    // A retransmitted SYN does not complete anything.
+    send(&fx, 40000, SYN);
+    assert_eq!(fx.stat(stat::CT_PROMOTED), 0);
+    send(&fx, 40000, ACK);
+    assert_eq!(states(&fx, 40000), Some(("established", "established")));
+    assert_eq!(fx.stat(stat::CT_PROMOTED), 1);
+    // Promotion moved the entries: one pair in total, and `xlb conntrack` says so.
+    assert_eq!(fx.conntrack().len(), 2);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_xlb"))
+        .args(["conntrack", "--pin-path"])
+        .arg(&fx.pin)
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{table}");
+    assert!(
+        table.contains("STATE") && table.contains("established"),
+        "{table}"
+    );
+    assert!(
+        table.contains("conntrack: 2 of 524288 established entries, 0 of 131072 embryonic"),
+        "{table}"
+    );
+    send(&fx, 40000, FIN | ACK);
+    assert_eq!(states(&fx, 40000), Some(("closing", "established")));
+    answer(&fx, 40000, RST);
+    assert_eq!(states(&fx, 40000), Some(("closing", "closed")));
+    // S31: late segments of the closed flow are still translated, both ways, during the
+    // closed grace (never sent on with the backend's address).
+    answer(&fx, 40000, ACK);
+    send(&fx, 40000, ACK);
+    // A new SYN on the same 5-tuple starts a new connection, balanced afresh.
+    send(&fx, 40000, SYN);
+    assert_eq!(fx.stat(stat::CT_REOPENED), 1);
+    assert_eq!(fx.stat(stat::FORWARD_NEW), 2);
+    assert_eq!(states(&fx, 40000), Some(("syn_sent", "syn_sent")));
+    assert_eq!(fx.conntrack().len(), 2);
+}
+
+#[test]
+fn a_first_packet_without_syn_resumes_a_lost_flow_as_established_and_is_counted() {
+    let Some(fx) = fixture("ct_mid_stream") else {
+        return;
+    };
+    // A connection whose entries were lost (evicted, expired, older than the datapath)
+    // resumes on its hash-chosen backend: it has no handshake left, so it is established at
+    // once, and its replies (plain ACKs, data) are reverse-translated.
+    send(&fx, 40100, ACK);
+    assert_eq!(states(&fx, 40100), Some(("established", "established")));
+    answer(&fx, 40100, ACK);
+    send(&fx, 40100, ACK);
+    // The trace such a lost flow leaves (how LRU evictions show).
+    assert_eq!(fx.stat(stat::CT_NEW_WITHOUT_SYN), 1);
+    assert_eq!(fx.stat(stat::CT_PROMOTED), 0);
+}
+
+/// Entries per client (address:port as the client sees it), and the total entry count.
+fn tracked(fx: &Fixture) -> (BTreeMap<String, usize>, usize) {
+    let rows = fx.conntrack();
+    let mut clients = BTreeMap::new();
+    for r in &rows {
+        let client = if r.direction == "original" {
+            &r.from
+        } else {
+            &r.to
+        };
+        *clients.entry(client.clone()).or_insert(0) += 1;
+    }
+    (clients, rows.len())
+}
+
+/// Both entries for each of CLIENT_POD's `ports`.
+fn pairs(ports: &[u16]) -> BTreeMap<String, usize> {
+    ports
+        .iter()
+        .map(|p| (format!("{CLIENT_POD}:{p}"), 2))
+        .collect()
+}
+
+#[test]
+fn collector_expires_flows_by_state_both_directions_together() {
+    let Some(fx) = fixture("ct_collector") else {
+        return;
+    };
+    // 41001 established, 41002 embryonic (SYN only), 41003 closed (RST), 41004 closing
+    // (FIN), and a UDP flow from 41005.
+    handshake(&fx, 41001);
+    send(&fx, 41002, SYN);
+    handshake(&fx, 41003);
+    answer(&fx, 41003, RST);
+    handshake(&fx, 41004);
+    send(&fx, 41004, FIN | ACK);
+    let udp = {
+        let mut v = Vec::new();
+        etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+            .ipv4(CLIENT_POD.octets(), VIP.octets(), 64)
+            .udp(41005, 53)
+            .write(&mut v, b"query")
+            .unwrap();
+        v
+    };
+    assert_eq!(endpoints(&fx.run_xdp(&udp).1).1, (BACKEND, 5353));
+    assert_eq!(tracked(&fx).0, pairs(&[41001, 41002, 41003, 41004, 41005]));
+
+    let timeouts = Timeouts::default();
+    let mut gc = Collector::open(&fx.pin, timeouts).expect("collector");
+    let start = monotonic_ns();
+    let at = |d: Duration| start + d.as_nanos() as u64;
+    let s = gc.sweep(start).unwrap();
+    assert_eq!((s.established_entries, s.embryonic_entries), (8, 2));
+    assert_eq!(s.expired_flows, 0, "nothing is idle yet");
+    // Just past the closed grace: only the reset flow goes, with both its entries.
+    let s = gc
+        .sweep(at(timeouts.tcp_closed + Duration::from_secs(1)))
+        .unwrap();
+    assert_eq!((s.expired_flows, s.deleted_entries), (1, 2));
+    assert_eq!(tracked(&fx).0, pairs(&[41001, 41002, 41004, 41005]));
+    // Past the UDP timeout.
+    let s = gc.sweep(at(timeouts.udp + Duration::from_secs(1))).unwrap();
+    assert_eq!((s.expired_flows, s.deleted_entries), (1, 2));
+    assert_eq!(tracked(&fx).0, pairs(&[41001, 41002, 41004]));
+    // Past the SYN and closing timeouts (both 120 s by default).
+    let later = timeouts.tcp_syn.max(timeouts.tcp_closing) + Duration::from_secs(1);
+    let s = gc.sweep(at(later)).unwrap();
+    assert_eq!((s.expired_flows, s.deleted_entries), (2, 4));
+    assert_eq!(tracked(&fx).0, pairs(&[41001]));
+    // The established flow stays until its own (long) timeout.
+    let s = gc
+        .sweep(at(timeouts.tcp_established - Duration::from_secs(1)))
+        .unwrap();
+    assert_eq!(s.expired_flows, 0);
+    let s = gc
+        .sweep(at(timeouts.tcp_established + Duration::from_secs(1)))
+        .unwrap();
+    assert_eq!((s.expired_flows, s.deleted_entries), (1, 2));
+    assert!(fx.conntrack().is_empty());
+}
+
+#[test]
+fn collector_keeps_a_flow_whose_reply_direction_is_active() {
+    let Some(fx) = fixture("ct_collector_reply_active") else {
+        return;
+    };
+    // Tiny timeouts on the real clock: the client side goes quiet, the backend keeps
+    // sending (e.g. a download), so the flow is alive.
+    let timeouts = Timeouts {
+        udp: Duration::from_millis(1500),
+        ..Timeouts::default()
+    };
+    let udp = |src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)| {
+        let mut v = Vec::new();
+        etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+            .ipv4(src.0.octets(), dst.0.octets(), 64)
+            .udp(src.1, dst.1)
+            .write(&mut v, b"data")
+            .unwrap();
+        v
+    };
+    fx.run_xdp(&udp((CLIENT_POD, 42000), (VIP, 53)));
+    let mut gc = Collector::open(&fx.pin, timeouts).expect("collector");
+    // The reply entry's last_seen is refreshed at most once a second: run replies for
+    // longer than the timeout, then sweep at a time the original side alone would expire.
+    let start = monotonic_ns();
+    while monotonic_ns() - start < 2_200_000_000 {
+        let out = fx.run_xdp(&udp((BACKEND, 5353), (CLIENT_POD, 42000))).1;
+        assert_eq!(endpoints(&out).0, (VIP, 53));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let s = gc.sweep(monotonic_ns()).unwrap();
+    assert_eq!(s.expired_flows, 0, "{s:?}");
+    assert_eq!(tracked(&fx).0, pairs(&[42000]));
+    // Once both sides are quiet for longer than the timeout, it goes.
+    let s = gc.sweep(monotonic_ns() + 3_000_000_000).unwrap();
+    assert_eq!((s.expired_flows, s.deleted_entries), (1, 2));
+}
+
+#[test]
+fn a_million_syns_from_random_sources_leave_established_flows_in_place() {
+    let Some(fx) = fixture("ct_syn_flood") else {
+        return;
+    };
+    const ESTABLISHED: u16 = 1000;
+    for i in 0..ESTABLISHED {
+        handshake(&fx, 20000 + i);
+    }
+    assert_eq!(fx.stat(stat::CT_PROMOTED), u64::from(ESTABLISHED));
+    // The flood: SYNs from random sources and ports (inside the cluster CIDR, so none is
+    // refused for want of a masquerade port). Only the source bytes change; the datapath
+    // does not verify checksums.
+    let mut syn = tcp_frame((Ipv4Addr::new(10, 244, 0, 1), 1), (VIP, 80), SYN, b"");
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for _ in 0..1_000_000 {
+        // xorshift64: a cheap, reproducible stream of sources.
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        // 10.244.128.0/17: never CLIENT_POD.
+        syn[26..30].copy_from_slice(&(0x0af4_8000u32 | (x as u32 & 0x7fff)).to_be_bytes());
+        syn[34..36].copy_from_slice(&((x >> 32) as u16 | 1024).to_be_bytes());
+        assert_eq!(fx.run_xdp(&syn).0, XDP_PASS);
+    }
+    let entries = reader::conntrack_entries(&fx.pin).unwrap();
+    let embryonic = entries
+        .iter()
+        .filter(|(_, v)| v.state < ct_state::ESTABLISHED)
+        .count();
+    assert!(
+        embryonic <= lb_common::capacity::CONNTRACK_NEW as usize,
+        "{embryonic}"
+    );
+    // Every established flow still has both entries, and its next packets are still
+    // translated as established (not balanced as new flows).
+    let (clients, _) = tracked(&fx);
+    for i in 0..ESTABLISHED {
+        let client = format!("{CLIENT_POD}:{}", 20000 + i);
+        assert_eq!(clients.get(&client), Some(&2), "{client}");
+    }
+    let before = fx.stat(stat::FORWARD_ESTABLISHED);
+    let new_before = fx.stat(stat::FORWARD_NEW);
+    for i in 0..ESTABLISHED {
+        send(&fx, 20000 + i, ACK);
+    }
+    assert_eq!(
+        fx.stat(stat::FORWARD_ESTABLISHED) - before,
+        u64::from(ESTABLISHED)
+    );
+    assert_eq!(fx.stat(stat::FORWARD_NEW), new_before);
+    assert_eq!(fx.stat(stat::CT_NEW_WITHOUT_SYN), 0, "no flow was lost");
+    assert_eq!(fx.stat(stat::DROP_CONNTRACK_FULL), 0);
+}
+
+#[test]
+fn s31_an_out_of_window_reply_is_still_translated_never_sent_on_with_the_backend_address() {
+    let Some(fx) = fixture("ct_out_of_window") else {
+        return;
+    };
+    handshake(&fx, 43000);
+    // The datapath does not judge sequence numbers (docs/datapath.md, S31): a reply far
+    // outside any window is reverse-translated like any other, and the client's TCP stack
+    // decides. What must never happen is that it leaves with the backend's address.
+    for (seq, flags) in [(0xdead_beef_u32, ACK), (7, ACK | FIN), (0x8000_0000, RST)] {
+        let mut frame = Vec::new();
+        let b = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+            .ipv4(BACKEND.octets(), CLIENT_POD.octets(), 64)
+            .tcp(8080, 43000, seq, 1)
+            .ack(0x1234_5678);
+        let b = if flags & FIN != 0 { b.fin() } else { b };
+        let b = if flags & RST != 0 { b.rst() } else { b };
+        b.write(&mut frame, b"late").unwrap();
+        let (verdict, out) = fx.run_xdp(&frame);
+        assert_eq!(verdict, XDP_PASS);
+        assert_eq!(
+            endpoints(&out),
+            ((VIP, 80), (CLIENT_POD, 43000)),
+            "seq {seq:#x}"
+        );
+    }
+    assert_eq!(states(&fx, 43000), Some(("established", "closed")));
+    assert_eq!(fx.stat(stat::REVERSE_NAT), 4);
+}
