@@ -1089,6 +1089,11 @@ fn issue5_path_mtu_discovery_through_a_cluster_ip() {
         .curl(&pod_a, "http://10.96.0.10/", &["--data-binary", &body])
         .unwrap_or_else(|e| panic!("large request through the ClusterIP: {e:#}\n{}", c.logs()));
     assert_eq!(answer, "pod-c 20000", "whole body received by pod-c");
+    assert_eq!(
+        tcp_in_csum_errors(&c, &c.netns("pod-c")),
+        0,
+        "segments with a bad TCP checksum reached pod-c"
+    );
 
     // pod-a learned the path MTU for the ClusterIP (a route exception), which it can only
     // have from an error quoting its own socket's tuple.
@@ -1115,6 +1120,25 @@ fn run_ok(c: &Cluster, netns: &str, argv: &[&str]) {
         "{argv:?} in {netns}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// TCP segments `netns` dropped for a bad checksum (`InCsumErrors` of /proc/net/snmp, which
+/// shows the reading process's namespace).
+fn tcp_in_csum_errors(c: &Cluster, netns: &str) -> u64 {
+    let out = c.tb.run_in(netns, &["cat", "/proc/net/snmp"]).unwrap();
+    let snmp = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+    let (names, values) = (tcp.next().unwrap(), tcp.next().unwrap());
+    let column = names
+        .split_whitespace()
+        .position(|n| n == "InCsumErrors")
+        .unwrap_or_else(|| panic!("no InCsumErrors in {names}"));
+    values
+        .split_whitespace()
+        .nth(column)
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 /// A network namespace a test made beside its testbed (named with the testbed's prefix, so
@@ -1234,8 +1258,22 @@ fn issue5_path_mtu_discovery_for_large_replies_through_a_cluster_ip() {
             "http://10.96.0.10/",
             &["-o", "/dev/null", "-w", "%{size_download}"],
         )
-        .unwrap_or_else(|e| panic!("large reply through the ClusterIP: {e:#}\n{}", c.logs()));
+        .unwrap_or_else(|e| {
+            panic!(
+                "large reply through the ClusterIP: {e:#}\n\
+                 far's TCP checksum errors: {}\n{}",
+                tcp_in_csum_errors(&c, &far.0),
+                c.logs()
+            )
+        });
     assert_eq!(size, "20000", "whole reply received");
+    // Every segment arrived intact: one that does not (a checksum rewritten wrongly on the
+    // way) is only repaired by a retransmission timeout, and the transfer may still finish.
+    assert_eq!(
+        tcp_in_csum_errors(&c, &far.0),
+        0,
+        "segments with a bad TCP checksum reached far"
+    );
 
     // pod-c learned the path MTU towards the masquerade address, which it can only have
     // from an error quoting its own reply.

@@ -175,11 +175,23 @@ fn default_topology_connects_pods_nodes_and_external_client() {
             "{node}: {features}"
         );
     }
-    let port = tb.node("node1").switch_port.clone();
-    let out = tb
-        .run_in(tb.switch_netns(), &["ethtool", "-k", &port])
-        .unwrap();
-    assert!(String::from_utf8_lossy(&out.stdout).contains("generic-receive-offload: on"));
+    // Switch ports towards nodes: GRO (NAPI for XDP_TX), and full checksums on what they
+    // re-segment, since the node's XDP cannot see CHECKSUM_PARTIAL.
+    for node in ["node1", "node2"] {
+        let port = tb.node(node).switch_port.clone();
+        let out = tb
+            .run_in(tb.switch_netns(), &["ethtool", "-k", &port])
+            .unwrap();
+        let features = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            features.contains("generic-receive-offload: on"),
+            "{port}: {features}"
+        );
+        assert!(
+            features.contains("tx-checksumming: off"),
+            "{port}: {features}"
+        );
+    }
 
     // A stopped server is gone; it can be started again.
     tb.stop_servers("pod-c").unwrap();

@@ -519,8 +519,17 @@ impl Testbed {
         {
             ethtool(ns, &["-K", UPLINK, "tx", "off"])?;
         }
+        // The switch is part of the wire, so what it delivers to a node carries full
+        // checksums too. Its ports run XDP and GRO, so a burst from one node is merged
+        // into one super-packet, and the port towards another node (no GSO: its peer runs
+        // XDP) segments it again; with tx checksumming on, those segments would be
+        // CHECKSUM_PARTIAL (TCP checksum field = pseudo-header seed), which the node's XDP
+        // would rewrite as if it were a full checksum: corrupt segments after any NAT
+        // (issue 5's large replies stalled on them). tx off makes the segmentation finish
+        // the checksums.
         for n in &self.nodes {
             ethtool(&self.switch_netns, &["-K", &n.switch_port, "gro", "on"])?;
+            ethtool(&self.switch_netns, &["-K", &n.switch_port, "tx", "off"])?;
         }
         let ports: Vec<String> = self.nodes.iter().map(|n| n.switch_port.clone()).collect();
         attach_switch_xdp(&self.switch_netns, &ports, &self.pin_dir.join("switch"))?;
