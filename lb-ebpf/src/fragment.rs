@@ -19,10 +19,26 @@ use crate::{
     context::read_at,
     maps::FRAGMENTS,
     nat::Rewrite,
-    parse::{Parsed, IP_DADDR_OFF, IP_ID_OFF, IP_PROTO_OFF, IP_SADDR_OFF},
+    parse::{Parsed, ETH_HLEN},
     pipeline::Outcome,
     stats::count,
 };
+
+/// The IPv4 header without options, as it lies in the packet (network byte order).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Ipv4Fixed {
+    version_ihl: u8,
+    tos: u8,
+    total_len: u16,
+    id: u16,
+    frag_off: u16,
+    ttl: u8,
+    proto: u8,
+    check: u16,
+    saddr: u32,
+    daddr: u32,
+}
 
 /// After a first fragment was translated to `to`: remember it for the later fragments.
 /// A failed insert is counted as an event; the packet's own verdict stands.
@@ -50,22 +66,24 @@ pub fn remember(packet: &Parsed, to: &FlowNat) {
 
 /// A later fragment (parse reported `PASS_FRAGMENT`, so the IPv4 header is known to be
 /// well-formed and the protocol TCP or UDP): rewritten like its first fragment, or passed.
-#[inline(always)]
+///
+/// Not inlined, and the header read in one piece: inlined with four separate reads, LLVM
+/// reused header fields parse had loaded on some paths only and merged the bounds checks in
+/// ways the verifier cannot follow ("R9 !read_ok", "invalid size of register spill") once
+/// the ICMP stage joined the pipeline. A BPF-to-BPF call with one bounds check reads its own.
+#[inline(never)]
 pub fn follow<C: Rewrite>(ctx: &C) -> Outcome {
-    let (Some(saddr), Some(daddr), Some(id), Some(proto)) = (
-        read_at::<C, u32>(ctx, IP_SADDR_OFF),
-        read_at::<C, u32>(ctx, IP_DADDR_OFF),
-        read_at::<C, u16>(ctx, IP_ID_OFF),
-        read_at::<C, u8>(ctx, IP_PROTO_OFF),
-    ) else {
+    // One read of the fixed header: one bounds check for every field the key needs.
+    let Some(ip) = read_at::<C, Ipv4Fixed>(ctx, ETH_HLEN) else {
         count(stat::PASS_MALFORMED);
         return Outcome::Pass;
     };
+    let (saddr, daddr) = (ip.saddr, ip.daddr);
     let key = FragmentKey {
         saddr,
         daddr,
-        id,
-        proto,
+        id: ip.id,
+        proto: ip.proto,
         _pad: 0,
     };
     // SAFETY: copied out of the map at once.

@@ -19,7 +19,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use lb_common::stat;
+use lb_common::{capacity, stat};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -28,7 +28,10 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
-use crate::datapath::reader;
+use crate::datapath::{
+    conntrack_gc::{self, Sweep},
+    reader,
+};
 
 /// Default address of `/metrics`, `/healthz` and `/readyz` (kube-proxy's metrics port).
 pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:10249";
@@ -235,7 +238,7 @@ pub async fn serve_metrics_on(
                     Response::new(
                         200,
                         "text/plain; version=0.0.4; charset=utf-8",
-                        render_metrics(&state, stats.as_ref()),
+                        render_metrics(&state, stats.as_ref(), conntrack_gc::last_sweep()),
                     )
                 }
                 "/healthz" => Response::text(200, "ok\n"),
@@ -389,7 +392,12 @@ fn health_check_response(state: &HealthState, port: u16) -> Response {
 /// The Prometheus text exposition (format 0.0.4). `stats` is `None` when the pinned maps
 /// could not be read: the per-verdict counters are left out and `xlb_datapath_maps_readable`
 /// is 0.
-pub fn render_metrics(state: &HealthState, stats: Option<&BTreeMap<&'static str, u64>>) -> String {
+/// `conntrack` is the collector's last sweep (table occupancy), when one has completed.
+pub fn render_metrics(
+    state: &HealthState,
+    stats: Option<&BTreeMap<&'static str, u64>>,
+    conntrack: Option<Sweep>,
+) -> String {
     let i = state.read();
     let mut out = String::new();
     let mut family = |name: &str, kind: &str, help: &str, samples: &[(&str, String)]| {
@@ -418,6 +426,38 @@ pub fn render_metrics(state: &HealthState, stats: Option<&BTreeMap<&'static str,
             "counter",
             "Packets the eBPF programs handled, by verdict, summed over CPUs.",
             &samples,
+        );
+    }
+    if let Some(sweep) = conntrack {
+        // Table pressure (issue 5): how full each conntrack table is. LRU evictions have no
+        // counter of their own in the kernel; their trace is the `ct_new_without_syn`
+        // verdict above (a connection whose entries were lost).
+        family(
+            "xlb_conntrack_entries",
+            "gauge",
+            "Entries in each conntrack table at the collector's last sweep.",
+            &[
+                (
+                    "{table=\"established\"}",
+                    sweep.established_entries.to_string(),
+                ),
+                ("{table=\"embryonic\"}", sweep.embryonic_entries.to_string()),
+            ],
+        );
+        family(
+            "xlb_conntrack_capacity",
+            "gauge",
+            "Maximum entries of each conntrack table (LRU: the least recently used go first).",
+            &[
+                ("{table=\"established\"}", capacity::CONNTRACK.to_string()),
+                ("{table=\"embryonic\"}", capacity::CONNTRACK_NEW.to_string()),
+            ],
+        );
+        family(
+            "xlb_conntrack_expired_flows",
+            "gauge",
+            "Flows the collector's last sweep found expired and deleted.",
+            &[("", sweep.expired_flows.to_string())],
         );
     }
     family(
@@ -871,7 +911,20 @@ mod tests {
             .enumerate()
             .map(|(i, n)| (*n, i as u64 * 10))
             .collect();
-        let samples = parse_exposition(&render_metrics(&state, Some(&stats)));
+        let sweep = Sweep {
+            established_entries: 40,
+            embryonic_entries: 3,
+            expired_flows: 2,
+            deleted_entries: 4,
+        };
+        let samples = parse_exposition(&render_metrics(&state, Some(&stats), Some(sweep)));
+        assert_eq!(samples["xlb_conntrack_entries{table=\"established\"}"], 40.0);
+        assert_eq!(samples["xlb_conntrack_entries{table=\"embryonic\"}"], 3.0);
+        assert_eq!(
+            samples["xlb_conntrack_capacity{table=\"established\"}"],
+            f64::from(capacity::CONNTRACK)
+        );
+        assert_eq!(samples["xlb_conntrack_expired_flows"], 2.0);
         for (i, verdict) in stat::NAMES.iter().enumerate() {
             assert_eq!(
                 samples[&format!("xlb_datapath_packets_total{{verdict=\"{verdict}\"}}")],
