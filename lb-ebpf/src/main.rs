@@ -68,6 +68,16 @@ pub fn xlb_tc(ctx: TcContext) -> i32 {
     }
 }
 
+/// Pod-veth and uplink egress: replies of endpoints on the node's own address (hostNetwork
+/// endpoints, S07) are reverse-translated as they leave; everything else goes on untouched.
+#[classifier]
+pub fn xlb_tc_egress(ctx: TcContext) -> i32 {
+    match pipeline::local_reply(&context::Tc(&ctx)) {
+        Outcome::Drop => TC_ACT_SHOT,
+        Outcome::Pass | Outcome::Translated | Outcome::Bounce => TC_ACT_OK,
+    }
+}
+
 /// connect() of TCP and UDP sockets in the agent's network namespace (S18): a frontend is
 /// replaced by a backend before the socket connects (connect-time load balancing).
 #[cgroup_sock_addr(connect4)]

@@ -121,6 +121,8 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         set_sysctl(iface, "accept_local", "1");
         set_sysctl(iface, "send_redirects", "0");
         datapath.attach_uplink(iface, cfg.uplink_mode)?;
+        // Replies of endpoints on the node's own address leave here (S07).
+        datapath.attach_tc_egress(iface)?;
     }
     let node_ips = if cfg.node_ips.is_empty() {
         interface_addresses(&cfg.interfaces)?
@@ -467,7 +469,10 @@ impl PodInterfaces {
             .filter(|n| self.patterns.iter().any(|p| glob_match(p, n)))
             .collect();
         for name in present.difference(&self.attached.clone()) {
-            match datapath.attach_tc(name) {
+            match datapath
+                .attach_tc(name)
+                .and_then(|()| datapath.attach_tc_egress(name))
+            {
                 Ok(()) => {
                     self.attached.insert(name.clone());
                     self.failed.remove(name);

@@ -918,7 +918,10 @@ mod tests {
             deleted_entries: 4,
         };
         let samples = parse_exposition(&render_metrics(&state, Some(&stats), Some(sweep)));
-        assert_eq!(samples["xlb_conntrack_entries{table=\"established\"}"], 40.0);
+        assert_eq!(
+            samples["xlb_conntrack_entries{table=\"established\"}"],
+            40.0
+        );
         assert_eq!(samples["xlb_conntrack_entries{table=\"embryonic\"}"], 3.0);
         assert_eq!(
             samples["xlb_conntrack_capacity{table=\"established\"}"],

@@ -2025,9 +2025,9 @@ metadata:
 }
 
 #[test]
-fn s07_host_network_endpoint_is_reached_from_another_nodes_pods_and_node_port() {
+fn s07_host_network_endpoint_is_reached_from_pods_and_node_ports_of_both_nodes() {
     let Some(mut c) = Cluster::start(
-        "s07_host_network_endpoint_is_reached_from_another_nodes_pods_and_node_port",
+        "s07_host_network_endpoint_is_reached_from_pods_and_node_ports_of_both_nodes",
     ) else {
         return;
     };
@@ -2046,24 +2046,28 @@ fn s07_host_network_endpoint_is_reached_from_another_nodes_pods_and_node_port() 
         ));
     });
     let expected = ["pod-a", "node2-host"];
-    // From node1's pods (TCP and UDP) and through node1's NodePort. Clients on node2 itself
-    // are not covered: see docs/conformance.md (replies of a local host-network endpoint
-    // leave without reverse translation).
-    let pod_a = c.netns("pod-a");
-    c.settles_on("ClusterIP from pod-a", &expected, || {
-        c.tb.http_get(&pod_a, VIP, 80)
-    });
-    c.settles_on("UDP ClusterIP from pod-a", &expected, || {
-        c.tb.udp_request(&pod_a, VIP, 53)
-    });
+    // From the pods and through the NodePorts of both nodes, TCP and UDP. On node2 the
+    // endpoint is local: the translated packet reaches a socket of the node itself, and its
+    // replies are reverse-translated by the egress program as they leave (to pod-c's veth,
+    // or out of the uplink). The clients' sockets are connected, so an untranslated reply
+    // (from 172.18.0.12:8080 instead of the service) would not count.
     let ext = c.tb.external().netns.clone();
-    let node1 = c.tb.node("node1").ip;
-    c.settles_on("NodePort via node1", &expected, || {
-        c.tb.http_get(&ext, node1, 30080)
-    });
-    c.settles_on("UDP NodePort via node1", &expected, || {
-        c.tb.udp_request(&ext, node1, 30053)
-    });
+    for (pod, node) in [("pod-a", "node1"), ("pod-c", "node2")] {
+        let pod_ns = c.netns(pod);
+        c.settles_on(&format!("ClusterIP from {pod}"), &expected, || {
+            c.tb.http_get(&pod_ns, VIP, 80)
+        });
+        c.settles_on(&format!("UDP ClusterIP from {pod}"), &expected, || {
+            c.tb.udp_request(&pod_ns, VIP, 53)
+        });
+        let ip = c.tb.node(node).ip;
+        c.settles_on(&format!("NodePort via {node}"), &expected, || {
+            c.tb.http_get(&ext, ip, 30080)
+        });
+        c.settles_on(&format!("UDP NodePort via {node}"), &expected, || {
+            c.tb.udp_request(&ext, ip, 30053)
+        });
+    }
 }
 
 #[test]

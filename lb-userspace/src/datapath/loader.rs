@@ -23,6 +23,9 @@ pub const PROG_XDP: &str = "xlb_xdp";
 const HOOK_XDP: &str = "xdp";
 const HOOK_TC: &str = "tc";
 pub const PROG_TC: &str = "xlb_tc";
+/// Egress of pod veths and uplinks: replies of endpoints on the node's address (S07).
+pub const PROG_TC_EGRESS: &str = "xlb_tc_egress";
+const HOOK_TC_EGRESS: &str = "tcegress";
 /// Parse-only XDP program: the floor the benchmark compares the datapath with.
 pub const PROG_FLOOR: &str = "xlb_floor";
 /// cgroup/connect4: connect-time balancing for the node's own processes (S18).
@@ -81,6 +84,11 @@ impl Datapath {
             .context("no TC program in object")?
             .try_into()?;
         tc.load().context("verifying the TC program")?;
+        let egress: &mut SchedClassifier = ebpf
+            .program_mut(PROG_TC_EGRESS)
+            .context("no TC egress program in object")?
+            .try_into()?;
+        egress.load().context("verifying the TC egress program")?;
         let floor: &mut Xdp = ebpf
             .program_mut(PROG_FLOOR)
             .context("no floor program in object")?
@@ -173,21 +181,38 @@ impl Datapath {
     /// Attaches the TC program at ingress (tcx on kernels >= 6.6, clsact before). A link
     /// pinned by an earlier agent for this interface gets the new program instead.
     pub fn attach_tc(&mut self, iface: &str) -> Result<()> {
-        let pin = self.link_pin(HOOK_TC, iface)?;
+        self.attach_classifier(iface, PROG_TC, HOOK_TC, TcAttachType::Ingress)?;
+        self.attached.insert(iface.to_string(), "tc");
+        Ok(())
+    }
+
+    /// Attaches the egress program (replies of endpoints on the node's own address, S07) to
+    /// a pod veth or an uplink, pinned and replaced like the ingress link.
+    pub fn attach_tc_egress(&mut self, iface: &str) -> Result<()> {
+        self.attach_classifier(iface, PROG_TC_EGRESS, HOOK_TC_EGRESS, TcAttachType::Egress)
+    }
+
+    fn attach_classifier(
+        &mut self,
+        iface: &str,
+        program: &str,
+        hook: &str,
+        direction: TcAttachType,
+    ) -> Result<()> {
+        let pin = self.link_pin(hook, iface)?;
         let prog: &mut SchedClassifier = self
             .ebpf
-            .program_mut(PROG_TC)
-            .context("no TC program")?
+            .program_mut(program)
+            .with_context(|| format!("no {program} program"))?
             .try_into()?;
         if let Some(old) = open_pinned_link(&pin) {
             let link = FdLink::from(old).try_into().context("pinned TC link")?;
             prog.attach_to_link(link)
-                .with_context(|| format!("replacing the TC program on {iface}"))?;
+                .with_context(|| format!("replacing the {hook} program on {iface}"))?;
             info!(
                 interface = iface,
-                "replaced the program of the pinned TC link (no gap)"
+                hook, "replaced the program of the pinned TC link (no gap)"
             );
-            self.attached.insert(iface.to_string(), "tc");
             return Ok(());
         }
         // Needed only for the netlink path; an existing clsact qdisc is fine.
@@ -195,10 +220,9 @@ impl Datapath {
             tracing::debug!(interface = iface, error = %e, "clsact not added (exists, or tcx in use)");
         }
         let id = prog
-            .attach(iface, TcAttachType::Ingress)
-            .with_context(|| format!("attaching TC to {iface}"))?;
-        info!(interface = iface, "attached TC ingress");
-        self.attached.insert(iface.to_string(), "tc");
+            .attach(iface, direction)
+            .with_context(|| format!("attaching {hook} to {iface}"))?;
+        info!(interface = iface, hook, "attached TC");
         let link = prog.take_link(id)?;
         pin_link(FdLink::try_from(link), &pin, iface);
         Ok(())
@@ -308,7 +332,7 @@ impl Datapath {
     /// Forgets an interface that disappeared (its attachment went with it) and its pins.
     pub fn forget(&mut self, iface: &str) {
         self.attached.remove(iface);
-        for hook in [HOOK_XDP, HOOK_TC] {
+        for hook in [HOOK_XDP, HOOK_TC, HOOK_TC_EGRESS] {
             self.remove_link_pins(hook, iface, None);
         }
     }

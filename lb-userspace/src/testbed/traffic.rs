@@ -20,7 +20,7 @@ pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
 /// `python3 -c SERVER_PY NAME READY_FILE HTTP_PORT UDP_PORT` (the pods' own servers: 8080 and
 /// 5353): HTTP/1.1 (keep-alive) answering every GET with NAME (`GET /client`: "NAME
 /// CLIENT-ADDRESS", the source the server sees; a POST: "NAME BODY-LENGTH"), UDP answering
-/// every datagram with NAME. Creates READY_FILE once
+/// every datagram with NAME, from the address it was sent to. Creates READY_FILE once
 /// both sockets listen. `server_bind` is overridden to skip `getfqdn()`, which can stall
 /// on DNS inside an isolated namespace.
 pub(crate) const SERVER_PY: &str = r#"
@@ -62,12 +62,23 @@ httpd = Server(("0.0.0.0", int(sys.argv[3])), Handler)
 udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 udp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 udp.bind(("0.0.0.0", int(sys.argv[4])))
+# Answer from the address each datagram was sent to, as DNS servers do (IP_PKTINFO): a
+# wildcard socket would otherwise pick its source by route, e.g. a host-network server
+# answering a pod on its own node from the veth's gateway address.
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+udp.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
 
 def udp_loop():
     while True:
         try:
-            _, peer = udp.recvfrom(65535)
-            udp.sendto(body, peer)
+            _, anc, _, peer = udp.recvmsg(65535, socket.CMSG_SPACE(12))
+            info = [d for (lvl, typ, d) in anc if lvl == socket.IPPROTO_IP and typ == IP_PKTINFO]
+            if info:
+                # struct in_pktinfo { ifindex; spec_dst; addr }: reply from addr.
+                pktinfo = [(socket.IPPROTO_IP, IP_PKTINFO, bytes(4) + info[0][8:12] + bytes(4))]
+                udp.sendmsg([body], pktinfo, 0, peer)
+            else:
+                udp.sendto(body, peer)
         except OSError:
             pass
 
