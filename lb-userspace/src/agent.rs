@@ -15,7 +15,7 @@ use tokio::signal::unix::SignalKind;
 use tracing::{error, info, warn};
 
 use crate::{
-    datapath::{Datapath, MapWriter, UplinkMode},
+    datapath::{migrate::Migration, Datapath, MapWriter, UplinkMode},
     http::{self, HealthCheck, HealthState},
     model::{ClusterView, Ipv4Cidr, NodeContext, StateDelta},
     source::{kubernetes, manifests, SourceUpdate},
@@ -114,16 +114,8 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     }
     let mut datapath = Datapath::load(&cfg.pin_path)?;
     let mut writer = datapath.writer()?;
-
-    for iface in &cfg.interfaces {
-        // Translated packets are handed to the stack with a node address as source
-        // (masquerade, NodePort replies): without accept_local it drops them as martians.
-        set_sysctl(iface, "accept_local", "1");
-        set_sysctl(iface, "send_redirects", "0");
-        datapath.attach_uplink(iface, cfg.uplink_mode)?;
-        // Replies of endpoints on the node's own address leave here (S07).
-        datapath.attach_tc_egress(iface)?;
-    }
+    // Maps of an earlier layout: carry conntrack over before the new programs take over.
+    let migration = Migration::start(&cfg.pin_path)?;
     let node_ips = if cfg.node_ips.is_empty() {
         interface_addresses(&cfg.interfaces)?
     } else {
@@ -152,6 +144,16 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         _reserved: 0,
         netns_cookie,
     })?;
+    // After the config (the programs read it on every packet).
+    for iface in &cfg.interfaces {
+        // Translated packets are handed to the stack with a node address as source
+        // (masquerade, NodePort replies): without accept_local it drops them as martians.
+        set_sysctl(iface, "accept_local", "1");
+        set_sysctl(iface, "send_redirects", "0");
+        datapath.attach_uplink(iface, cfg.uplink_mode)?;
+        // Replies of endpoints on the node's own address leave here (S07).
+        datapath.attach_tc_egress(iface)?;
+    }
     // After the config: the program acts only once it knows this namespace's cookie.
     // Not fatal: the packet datapath matters more than node processes reaching services.
     match &cfg.cgroup_path {
@@ -183,6 +185,10 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
 
     let mut pods = PodInterfaces::new(cfg.pod_interfaces.clone());
     pods.sync(&mut datapath);
+    // Every hook now runs the new programs: the retired maps can go.
+    if !migration.is_empty() {
+        migration.finish()?;
+    }
 
     let health = Arc::new(HealthState::new());
     serve_http(&cfg, &health);

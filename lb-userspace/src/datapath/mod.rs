@@ -1,10 +1,11 @@
 //! Loading, attaching and pinning the eBPF programs (`loader`), the only writer of BPF maps
-//! (`writer`), read-only views of pinned maps for operators (`reader`), and the conntrack
-//! garbage collector (`conntrack_gc`).
+//! (`writer`), read-only views of pinned maps for operators (`reader`), the conntrack
+//! garbage collector (`conntrack_gc`), and upgrades across map layouts (`migrate`).
 use clap::ValueEnum;
 
 pub mod conntrack_gc;
 mod loader;
+pub mod migrate;
 pub mod reader;
 pub mod writer;
 

@@ -28,6 +28,12 @@ impl Fixture {
     /// `None` when the test may not run (no root, outside CI: it says so; under CI=true
     /// `require_privileges` panics instead).
     pub fn load(test: &str) -> Option<Self> {
+        Self::load_over(test, |_| {})
+    }
+
+    /// Like [`load`](Self::load), with `before` run on the (empty, existing) pin directory
+    /// first: to leave maps there as an earlier agent would have.
+    pub fn load_over(test: &str, before: impl FnOnce(&std::path::Path)) -> Option<Self> {
         if !require_privileges(test) {
             return None;
         }
@@ -36,6 +42,8 @@ impl Fixture {
             std::process::id()
         ));
         let _ = std::fs::remove_dir_all(&pin);
+        std::fs::create_dir_all(&pin).expect("pin directory");
+        before(&pin);
         // A failed load (e.g. the verifier rejects a program) has pinned maps already and
         // no Fixture exists yet to remove them on drop: remove them here.
         let mut datapath = Datapath::load(&pin).unwrap_or_else(|e| {
