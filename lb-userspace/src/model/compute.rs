@@ -556,8 +556,27 @@ pub(super) fn slice_service(slice: &EndpointSlice) -> Option<ObjectId<'_>> {
     })
 }
 
+/// The API server's own limits on an EndpointSlice: a larger one cannot come from it, and
+/// is ignored whole rather than guessed at.
+const MAX_SLICE_ENDPOINTS: usize = 1000;
+const MAX_SLICE_PORTS: usize = 100;
+
 fn slice_view<'a>(slice: &'a EndpointSlice, problems: &mut Vec<ObjectProblem>) -> SliceView<'a> {
     let mut report = Reporter::new(problems, "EndpointSlice", ObjectId::of(&slice.metadata));
+    let (endpoint_count, port_count) = (
+        slice.endpoints.as_ref().map_or(0, Vec::len),
+        slice.ports.as_ref().map_or(0, Vec::len),
+    );
+    if endpoint_count > MAX_SLICE_ENDPOINTS || port_count > MAX_SLICE_PORTS {
+        report.problem(format!(
+            "{endpoint_count} endpoints and {port_count} ports, more than the API allows \
+             ({MAX_SLICE_ENDPOINTS} and {MAX_SLICE_PORTS}); slice ignored"
+        ));
+        return SliceView {
+            ports: Vec::new(),
+            endpoints: Vec::new(),
+        };
+    }
     let mut ports = Vec::new();
     for slice_port in slice.ports.iter().flatten() {
         let name = slice_port.name.as_deref().unwrap_or("");
@@ -958,6 +977,32 @@ mod tests {
             .filter(|(key, _)| key.proto != 0)
             .map(|(key, frontend)| (*key, frontend.clone()))
             .collect()
+    }
+
+    #[test]
+    fn a_slice_larger_than_the_api_allows_is_ignored_and_reported_while_others_work() {
+        let huge: Vec<String> = (0..1001)
+            .map(|i| format!("10.244.{}.{}", i / 250, i % 250 + 1))
+            .collect();
+        let huge: Vec<&str> = huge.iter().map(String::as_str).collect();
+        let (state, problems) = compute(
+            vec![web_service_http()],
+            vec![
+                web_slice_http("web-huge", 8080, &huge),
+                web_slice_http("web-1", 8080, &["10.244.9.1"]),
+            ],
+        );
+        assert_eq!(
+            backends_of(&state, "default/web:http/TCP"),
+            [backend("10.244.9.1", 8080)]
+        );
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].object, "EndpointSlice default/web-huge");
+        assert!(
+            problems[0].reason.contains("1001 endpoints"),
+            "{}",
+            problems[0].reason
+        );
     }
 
     #[test]

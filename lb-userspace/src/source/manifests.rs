@@ -114,7 +114,7 @@ impl ManifestDir {
         let mut present = BTreeMap::new();
         let mut read_errors = BTreeMap::new();
         for path in paths {
-            let bytes = match fs::read(&path) {
+            let bytes = match read_limited(&path) {
                 Ok(bytes) => bytes,
                 // Deleted between listing and reading: gone, like an unlisted file.
                 Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
@@ -230,6 +230,34 @@ pub async fn watch(dir: PathBuf, poll: Duration, tx: UpdateSender) -> anyhow::Re
             return Ok(());
         }
     }
+}
+
+/// A manifest file larger than this is not read (the API server itself refuses requests over
+/// 3 MiB): an accident (a log, a dump) must not take the agent's memory.
+pub const MAX_MANIFEST_BYTES: u64 = 16 << 20;
+
+/// The file's bytes, or an error for a file over [`MAX_MANIFEST_BYTES`] (checked before
+/// reading; the read itself is bounded too, in case the file grows meanwhile).
+fn read_limited(path: &Path) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let too_large = |len: u64| {
+        io::Error::other(format!(
+            "{len} bytes, more than the {} MiB a manifest file may have; the file's last good \
+             content stays applied",
+            MAX_MANIFEST_BYTES >> 20
+        ))
+    };
+    let file = fs::File::open(path)?;
+    let len = file.metadata()?.len();
+    if len > MAX_MANIFEST_BYTES {
+        return Err(too_large(len));
+    }
+    let mut bytes = Vec::with_capacity(len as usize);
+    file.take(MAX_MANIFEST_BYTES + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_MANIFEST_BYTES {
+        return Err(too_large(bytes.len() as u64));
+    }
+    Ok(bytes)
 }
 
 /// Manifest files directly in `dir`, in name order.
@@ -734,6 +762,26 @@ endpoints:
         assert_eq!(errors.len(), 1);
         assert_eq!(errors[0].file, dir.0);
         assert!(manifests.reload().1.is_empty());
+    }
+
+    #[test]
+    fn oversized_file_is_reported_and_keeps_its_last_good_content() {
+        let dir = TempDir::new();
+        let path = dir.write("web.yaml", WEB_SERVICE);
+        let mut manifests = ManifestDir::new(&dir.0);
+        assert_eq!(names(&manifests.reload().0), ["Service web"]);
+        // Grown past the limit (sparse: no disk used).
+        let file = fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.set_len(MAX_MANIFEST_BYTES + 1).unwrap();
+        let (state, errors) = manifests.reload();
+        assert_eq!(names(&state), ["Service web"], "last good content kept");
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].file, path);
+        assert!(
+            errors[0].reason.contains("more than the 16 MiB"),
+            "{}",
+            errors[0].reason
+        );
     }
 
     #[tokio::test]
