@@ -1097,18 +1097,13 @@ fn issue5_path_mtu_discovery_through_a_cluster_ip() {
 
     // pod-a learned the path MTU for the ClusterIP (a route exception), which it can only
     // have from an error quoting its own socket's tuple.
-    let route =
-        c.tb.run_in(&pod_a, &["ip", "route", "get", "10.96.0.10"])
-            .unwrap();
-    let route = String::from_utf8_lossy(&route.stdout).into_owned();
-    assert!(
-        route.contains(&format!("mtu {MTU}")),
-        "pod-a's route: {route}"
-    );
-    let stats = xlb_json(&["stats"], &node1_pin);
-    assert!(
-        stats["icmp_error_to_client"].as_u64().unwrap() >= 1,
-        "node1 translated the error: {stats}"
+    assert_path_mtu_learned(
+        &c,
+        &pod_a,
+        "10.96.0.10",
+        MTU,
+        &node1_pin,
+        "icmp_error_to_client",
     );
 }
 
@@ -1277,18 +1272,13 @@ fn issue5_path_mtu_discovery_for_large_replies_through_a_cluster_ip() {
 
     // pod-c learned the path MTU towards the masquerade address, which it can only have
     // from an error quoting its own reply.
-    let route =
-        c.tb.run_in(&pod_c, &["ip", "route", "get", "172.18.0.11"])
-            .unwrap();
-    let route = String::from_utf8_lossy(&route.stdout).into_owned();
-    assert!(
-        route.contains(&format!("mtu {MTU}")),
-        "pod-c's route: {route}"
-    );
-    let stats = xlb_json(&["stats"], &node1_pin);
-    assert!(
-        stats["icmp_error_to_backend"].as_u64().unwrap() >= 1,
-        "node1 translated the error: {stats}"
+    assert_path_mtu_learned(
+        &c,
+        &pod_c,
+        "172.18.0.11",
+        MTU,
+        &node1_pin,
+        "icmp_error_to_backend",
     );
 }
 
@@ -2428,4 +2418,29 @@ fn s31_an_out_of_window_segment_from_the_backend_reaches_the_client_as_the_servi
         "the segment reached the client un-NATed"
     );
     drop(connection);
+}
+
+/// `netns` has a route exception with `mtu` towards `towards` (learned from a translated
+/// fragmentation-needed error), and the agent pinned at `pin` counted `counter`.
+fn assert_path_mtu_learned(
+    c: &Cluster,
+    netns: &str,
+    towards: &str,
+    mtu: &str,
+    pin: &std::path::Path,
+    counter: &str,
+) {
+    let route =
+        c.tb.run_in(netns, &["ip", "route", "get", towards])
+            .unwrap();
+    let route = String::from_utf8_lossy(&route.stdout).into_owned();
+    assert!(
+        route.contains(&format!("mtu {mtu}")),
+        "{netns}'s route towards {towards}: {route}"
+    );
+    let stats = xlb_json(&["stats"], pin);
+    assert!(
+        stats[counter].as_u64().unwrap() >= 1,
+        "the error was translated ({counter}): {stats}"
+    );
 }
