@@ -68,7 +68,7 @@ pub fn services(pin_path: &Path) -> Result<Vec<ServiceRow>> {
         if let Ok(set) = sets.get(&value.backend_set, 0) {
             for index in 0..set.count {
                 if let Ok(b) = backends.get(
-                    &BackendSlot::new(value.backend_set, set.generation, index),
+                    &BackendSlot::new(value.backend_set, u32::from(set.generation), index),
                     0,
                 ) {
                     list.push(format!("{}:{}", b.ip(), b.port()));

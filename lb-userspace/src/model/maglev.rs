@@ -7,6 +7,50 @@
 //! table is full. Because preferences depend only on the backend itself, removing one backend
 //! frees its slots and barely disturbs who owns the others.
 
+use lb_common::Backend;
+
+/// Per-service table size: `xlb.io/maglev-table-size: "4093"` (a prime within
+/// [`MIN_TABLE_SIZE`, `MAX_TABLE_SIZE`]).
+pub const ANNOTATION_TABLE_SIZE: &str = "xlb.io/maglev-table-size";
+
+/// The agent's default M (`--maglev-table-size`). Fixed per service, not derived from the
+/// backend count, so that a membership change keeps every other backend's preferences.
+/// 1021 keeps M > 100·N (slot shares within 1%) up to 10 backends, the common case, at
+/// 2 KiB of indexes per set; larger services can ask for more with the annotation.
+pub const DEFAULT_TABLE_SIZE: u32 = 1021;
+/// Below this, slot shares differ by more than a few percent even for two backends.
+pub const MIN_TABLE_SIZE: u32 = 251;
+/// The datapath stores M and the indexes as u16.
+pub const MAX_TABLE_SIZE: u32 = 65521;
+
+/// Why `m` cannot be a table size, if it cannot.
+pub fn check_table_size(m: u32) -> Result<(), String> {
+    if !(MIN_TABLE_SIZE..=MAX_TABLE_SIZE).contains(&m) {
+        return Err(format!(
+            "Maglev table size {m} is outside {MIN_TABLE_SIZE}..={MAX_TABLE_SIZE}"
+        ));
+    }
+    if !valid_table_size(m) {
+        return Err(format!("Maglev table size {m} is not a prime"));
+    }
+    Ok(())
+}
+
+/// A backend's identity for its slot preferences: address and port, as on the wire. Stable
+/// across agents and restarts, and independent of the backend's position in its set.
+pub fn backend_identity(backend: &Backend) -> Vec<u8> {
+    let mut id = u32::from(backend.ip()).to_be_bytes().to_vec();
+    id.extend_from_slice(&backend.port().to_be_bytes());
+    id
+}
+
+/// The table of a backend set as the datapath stores it: `table[position]` is the index of
+/// a backend in `backends` (the set's slot order). Empty when there are no backends.
+pub fn backend_table(backends: &[Backend], m: u32) -> Vec<u32> {
+    let ids: Vec<Vec<u8>> = backends.iter().map(backend_identity).collect();
+    table(&ids, m)
+}
+
 /// Table sizes the agent chooses from: primes near powers of two.
 pub const TABLE_SIZES: [u32; 9] = [251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521];
 
