@@ -388,3 +388,78 @@ fn maglev_an_endpoint_change_of_a_300_port_service_costs_300_set_updates_only() 
         predicted(backends, maglev::DEFAULT_TABLE_SIZE, &flows)
     );
 }
+
+/// A restarted agent adopts the pinned tables: the same desired state writes nothing, a
+/// chunk that belongs to no current table is removed, and another `--maglev-table-size`
+/// rewrites the tables of the sets that use the default (not the annotated one).
+#[test]
+fn maglev_a_restarted_agent_adopts_the_pinned_tables() {
+    let Some(mut fx) = Fixture::load("maglev_adopt") else {
+        return;
+    };
+    let ips: Vec<Ipv4Addr> = (0..4).map(backend_ip).collect();
+    let cluster = ClusterState {
+        services: vec![
+            service("mg", VIP, 1, None),
+            service("an", Ipv4Addr::new(10, 96, 0, 31), 1, Some("509")),
+        ],
+        endpoint_slices: vec![slice("mg", 1, &ips), slice("an", 1, &ips)],
+        nodes: Vec::new(),
+    };
+    let (desired, problems) = desired_state(&cluster, &node());
+    assert!(problems.is_empty(), "{problems:?}");
+    fx.apply(&desired);
+    let id = |name: &str| {
+        let names: HashMap<MapData, u32, lb_common::SetName> = HashMap::try_from(Map::HashMap(
+            MapData::from_pin(fx.pin.join(map_name::SET_NAMES)).unwrap(),
+        ))
+        .unwrap();
+        names
+            .iter()
+            .map(Result::unwrap)
+            .find(|(_, n)| n.as_str() == name)
+            .unwrap()
+            .0
+    };
+    // A leftover of an interrupted update: a chunk in the inactive generation.
+    let stray = lb_common::MaglevKey::new(id(SET), 1, 0);
+    let mut chunks: HashMap<MapData, lb_common::MaglevKey, lb_common::MaglevChunk> =
+        HashMap::try_from(Map::HashMap(
+            MapData::from_pin(fx.pin.join(map_name::MAGLEV)).unwrap(),
+        ))
+        .unwrap();
+    chunks
+        .insert(stray, lb_common::MaglevChunk { backends: [0; 64] }, 0)
+        .unwrap();
+
+    // The restarted agent: the same programs and pins, a new writer that adopts them.
+    let mut restarted = xlb::datapath::Datapath::load(&fx.pin).unwrap();
+    let mut writer = restarted.writer().unwrap();
+    let applied = writer.apply(&desired).unwrap();
+    assert_eq!(
+        (applied.sets_updated, applied.map_ops),
+        (0, 1),
+        "only the stray chunk is removed"
+    );
+    assert!(chunks.get(&stray, 0).is_err());
+    assert_eq!(
+        chunks.keys().count(),
+        1021usize.div_ceil(64) + 509usize.div_ceil(64)
+    );
+
+    writer.set_default_table_size(251).unwrap();
+    assert!(writer.set_default_table_size(1000).is_err(), "not a prime");
+    let applied = writer.apply(&desired).unwrap();
+    assert_eq!(
+        (applied.sets_updated, applied.maglev_chunks_written),
+        (1, 4)
+    );
+    let sets = pinned_sets(&fx.pin);
+    assert_eq!(sets[SET].table_size, 251);
+    assert_eq!(sets["default/an:p0/TCP"].table_size, 509);
+    let flows = flows(500);
+    assert_eq!(
+        datapath_choices(&fx, &flows),
+        predicted(&desired.backend_sets[SET], 251, &flows)
+    );
+}
