@@ -389,16 +389,19 @@ impl MapWriter {
                         )
                         .with_context(|| format!("switching backend set {name}"))?;
                     stats.map_ops += 1;
-                    self.delete_slots(
-                        installed.id,
-                        installed.generation,
-                        installed.backends.len(),
-                        &mut stats,
-                    );
+                    // The old table before its slots: a reader that still holds the old
+                    // generation and misses its chunk falls back to `hash % count` over slots
+                    // that are still there.
                     self.delete_table(
                         installed.id,
                         installed.generation,
                         installed.table_size,
+                        &mut stats,
+                    );
+                    self.delete_slots(
+                        installed.id,
+                        installed.generation,
+                        installed.backends.len(),
                         &mut stats,
                     );
                     for key in old.difference(&new) {
