@@ -463,3 +463,58 @@ fn maglev_a_restarted_agent_adopts_the_pinned_tables() {
         predicted(&desired.backend_sets[SET], 251, &flows)
     );
 }
+
+/// Readers are not disturbed by table updates: while another writer (a second agent
+/// instance adopting the same pins) switches the set between 10 and 9 backends 1000 times,
+/// every new flow sent meanwhile is translated to one of the backends, none is dropped.
+#[test]
+fn maglev_new_flows_during_table_switches_all_reach_a_backend() {
+    let Some(mut fx) = Fixture::load("maglev_concurrent") else {
+        return;
+    };
+    let ten = one_service(10, None);
+    let mut nine = ten.clone();
+    nine.backend_sets
+        .get_mut(SET)
+        .unwrap()
+        .retain(|b| b.ip() != backend_ip(3));
+    fx.apply(&ten);
+    let all: Vec<Ipv4Addr> = (0..10).map(backend_ip).collect();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let pin = fx.pin.clone();
+    let sent = std::thread::scope(|scope| {
+        let updater = scope.spawn(|| {
+            let mut datapath = xlb::datapath::Datapath::load(&pin).unwrap();
+            let mut writer = datapath.writer().unwrap();
+            let mut switches = 0;
+            for round in 0..1000 {
+                let state = if round % 2 == 0 { &nine } else { &ten };
+                switches += writer.apply(state).unwrap().sets_updated;
+            }
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+            switches
+        });
+        let mut sent = 0usize;
+        while !done.load(std::sync::atomic::Ordering::SeqCst) {
+            let i = sent;
+            let client = Ipv4Addr::new(10, 244, 1 + (i % 200) as u8, 2 + (i / 200 % 250) as u8);
+            let sport = 1024 + (i / 50_000 % 60_000) as u16;
+            let chosen = datapath_choices(&fx, &[(client, sport)])[0];
+            assert!(all.contains(&chosen), "flow {i} went to {chosen}");
+            sent += 1;
+        }
+        assert_eq!(
+            updater.join().unwrap(),
+            1000,
+            "every round switched the set"
+        );
+        sent
+    });
+    println!(
+        "maglev: {sent} new flows during 1000 table switches, {} fell back on a missing chunk",
+        fx.stat(stat::MAGLEV_CHUNK_MISSING)
+    );
+    assert!(sent > 100, "flows were sent during the switches");
+    assert_eq!(fx.stat(stat::DROP_BACKEND_MISSING), 0);
+    assert_eq!(fx.stat(stat::FORWARD_NEW), sent as u64);
+}
