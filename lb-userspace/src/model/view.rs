@@ -650,12 +650,19 @@ mod tests {
         if rng.chance(10) {
             labels["service.kubernetes.io/service-proxy-name"] = json!("other");
         }
+        // Maglev table sizes: valid ones, and one that is reported and ignored.
+        let mut annotations = json!({});
+        if rng.chance(30) {
+            annotations[crate::model::maglev::ANNOTATION_TABLE_SIZE] =
+                json!(*rng.pick(&["251", "4093", "4096"]));
+        }
         let mut status = json!({});
         if kind == "LoadBalancer" && rng.chance(70) {
             status = json!({"loadBalancer": {"ingress": [{"ip": *rng.pick(&["172.17.0.1", "172.17.0.2"])}]}});
         }
         serde_json::from_value(json!({
-            "metadata": {"name": name, "namespace": namespace, "labels": labels},
+            "metadata": {"name": name, "namespace": namespace, "labels": labels,
+                         "annotations": annotations},
             "spec": spec,
             "status": status,
         }))
@@ -792,7 +799,9 @@ mod tests {
             .chain(after.backend_sets.keys())
             .collect();
         for set in sets {
-            if before.backend_sets.get(set) != after.backend_sets.get(set) {
+            if before.backend_sets.get(set) != after.backend_sets.get(set)
+                || before.maglev_table_sizes.get(set) != after.maglev_table_sizes.get(set)
+            {
                 assert!(
                     delta.backend_sets.contains(set),
                     "set {set} changed but is not in the delta"
