@@ -262,6 +262,13 @@ fn maglev_the_service_annotation_sets_m_and_a_changed_m_rewrites_only_that_table
     assert_eq!(small.maglev_table_sizes.get(SET), Some(&251));
     fx.apply(&small);
     assert_eq!(pinned_sets(&fx.pin)[SET].table_size, 251);
+    let shown = xlb::datapath::reader::services(&fx.pin).unwrap();
+    let row = shown.iter().find(|r| r.service == SET).unwrap();
+    assert_eq!(
+        (row.maglev_table_size, row.backends.len()),
+        (251, 5),
+        "xlb services -o json"
+    );
     let backends = &small.backend_sets[SET];
     let chosen = datapath_choices(&fx, &flows);
     assert_eq!(chosen, predicted(backends, 251, &flows));
