@@ -256,11 +256,19 @@ impl MapWriter {
         if backends.len() < 2 || backends.len() > usize::from(u16::MAX) + 1 {
             return 0;
         }
-        desired
-            .maglev_table_sizes
-            .get(name)
-            .copied()
-            .unwrap_or(self.default_table_size)
+        match desired.maglev_table_sizes.get(name) {
+            Some(m) if maglev::check_table_size(*m).is_ok() => *m,
+            // The model validates annotations; anything else gets the default, not a panic.
+            Some(m) => {
+                warn!(
+                    set = name,
+                    size = m,
+                    "invalid Maglev table size; using the default"
+                );
+                self.default_table_size
+            }
+            None => self.default_table_size,
+        }
     }
 
     fn alloc_id(&mut self) -> u32 {
