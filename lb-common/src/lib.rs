@@ -45,8 +45,10 @@ pub mod map_name {
     /// IP fragments: (source, destination, protocol, IP id) of a translated first fragment ->
     /// the addresses its later fragments are rewritten to.
     pub const FRAGMENTS: &str = "XLB_FRAG_V1";
+    /// Maglev lookup tables: (set, generation, chunk) -> 64 backend indexes.
+    pub const MAGLEV: &str = "XLB_MAGLEV_V1";
     /// Every map, for pinning, adoption and clean-up.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 14] = [
         SERVICES,
         BACKEND_SETS,
         BACKENDS,
@@ -60,6 +62,7 @@ pub mod map_name {
         SOURCE_RANGES,
         SOCKETS,
         FRAGMENTS,
+        MAGLEV,
     ];
 }
 
@@ -90,6 +93,9 @@ pub mod capacity {
     /// Fragmented datagrams in flight; LRU. An entry is needed only between a datagram's first
     /// and last fragment (microseconds), so a small table covers many concurrent datagrams.
     pub const FRAGMENTS: u32 = 16_384;
+    /// Maglev table chunks of the current generations (plus the sets being switched):
+    /// 131 072 sets at the default table size of 1021 (16 chunks each). Allocated on demand.
+    pub const MAGLEV: u32 = 2_097_152;
 }
 
 pub const IPPROTO_TCP: u8 = 6;
@@ -158,13 +164,19 @@ pub struct ServiceValue {
 /// new generation beside the old one, then replaces this value (one atomic hash-map
 /// update), then deletes the old generation: a reader sees either the whole old set or the
 /// whole new one, never a mix.
+///
+/// `table_size` was the high half of a `u32` generation (always 0) before Maglev: a pinned
+/// value of the older layout reads as "no table", so the map kept its name.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct BackendSet {
     /// Backends in the current generation; 0 means "service with no usable endpoint".
     pub count: u32,
     /// 0 or 1.
-    pub generation: u32,
+    pub generation: u16,
+    /// Maglev table size M (a prime): new flows pick the backend index at
+    /// `MAGLEV[(set, generation, hash % M / MAGLEV_CHUNK)]`. 0: no table, `hash % count`.
+    pub table_size: u16,
 }
 
 /// Key of one backend slot.
@@ -569,7 +581,10 @@ pub mod stat {
     /// ICMP error whose outer or quoted IPv4 header has options: passed untouched (not
     /// translated; such errors are rare).
     pub const PASS_ICMP_IP_OPTIONS: u32 = 30;
-    pub const COUNT: u32 = 31;
+    /// Event, counted besides the packet's verdict: a set's Maglev table chunk was missing
+    /// (inconsistent maps), so the new flow was balanced by `hash % count` instead.
+    pub const MAGLEV_CHUNK_MISSING: u32 = 31;
+    pub const COUNT: u32 = 32;
     /// Entries of the stats map: new counters fit without a new map layout.
     pub const CAPACITY: u32 = 64;
     const _: () = assert!(COUNT <= CAPACITY);
@@ -607,7 +622,44 @@ pub mod stat {
         "pass_icmp_short_quote",
         "pass_icmp_unknown_flow",
         "pass_icmp_ip_options",
+        "maglev_chunk_missing",
     ];
+}
+
+/// Backend indexes per Maglev table chunk: 128 bytes of value, so an update of one table
+/// rewrites M/64 map entries and a lookup reads one bounded array element.
+pub const MAGLEV_CHUNK: u32 = 64;
+
+/// Key of one chunk of a set's Maglev table (`MAGLEV`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MaglevKey {
+    pub set: u32,
+    /// `generation << 31 | chunk`, chunk = table position / `MAGLEV_CHUNK`.
+    pub slot: u32,
+}
+
+impl MaglevKey {
+    pub const fn new(set: u32, generation: u32, chunk: u32) -> Self {
+        Self {
+            set,
+            slot: (generation << 31) | chunk,
+        }
+    }
+    pub const fn generation(&self) -> u32 {
+        self.slot >> 31
+    }
+    pub const fn chunk(&self) -> u32 {
+        self.slot & 0x7fff_ffff
+    }
+}
+
+/// `MAGLEV_CHUNK` consecutive table positions: indexes into the set's backend slots of the
+/// same generation. The last chunk of a table is padded with zeros (never read).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MaglevChunk {
+    pub backends: [u16; MAGLEV_CHUNK as usize],
 }
 
 // Layout checks: these types are shared with the kernel byte for byte.
@@ -628,6 +680,8 @@ const _: () = assert!(core::mem::size_of::<SockPeer>() == 16);
 const _: () = assert!(core::mem::size_of::<SockFrontend>() == 8);
 const _: () = assert!(core::mem::size_of::<FragmentKey>() == 12);
 const _: () = assert!(core::mem::size_of::<FragmentNat>() == 8);
+const _: () = assert!(core::mem::size_of::<MaglevKey>() == 8);
+const _: () = assert!(core::mem::size_of::<MaglevChunk>() == 128);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -651,4 +705,6 @@ mod pod {
     unsafe impl aya::Pod for SockFrontend {}
     unsafe impl aya::Pod for FragmentKey {}
     unsafe impl aya::Pod for FragmentNat {}
+    unsafe impl aya::Pod for MaglevKey {}
+    unsafe impl aya::Pod for MaglevChunk {}
 }

@@ -1,14 +1,15 @@
 //! Look-up stage for new flows: frontend -> backend set -> one backend.
 use aya_ebpf::{bindings::BPF_ANY, maps::lpm_trie::Key};
 use lb_common::{
-    stat, AffinityKey, AffinityValue, Backend, BackendSlot, DatapathConfig, FlowKey, MemberKey,
-    ServiceKey, ServiceValue, SourceRange, SOURCE_RANGE_FRONTEND_BITS, SVC_F_AFFINITY, SVC_F_LOCAL,
-    SVC_F_SOURCE_RANGES,
+    stat, AffinityKey, AffinityValue, Backend, BackendSet, BackendSlot, DatapathConfig, FlowKey,
+    MaglevKey, MemberKey, ServiceKey, ServiceValue, SourceRange, MAGLEV_CHUNK,
+    SOURCE_RANGE_FRONTEND_BITS, SVC_F_AFFINITY, SVC_F_LOCAL, SVC_F_SOURCE_RANGES,
 };
 
 use crate::{
     conntrack::{in_cluster, now},
-    maps::{AFFINITY, BACKENDS, BACKEND_SETS, MEMBERS, SERVICES, SOURCE_RANGES},
+    maps::{AFFINITY, BACKENDS, BACKEND_SETS, MAGLEV, MEMBERS, SERVICES, SOURCE_RANGES},
+    stats::count,
 };
 
 #[inline(always)]
@@ -77,6 +78,25 @@ pub struct Choice {
     pub backend: Backend,
 }
 
+/// The backend slot a new flow's hash selects: the set's Maglev table entry at
+/// `hash % M` (consistent hashing: a membership change moves few other flows), or
+/// `hash % count` for a set without a table (or, counted, a table chunk that is missing).
+#[inline(always)]
+fn slot_index(set_id: u32, set: &BackendSet, hash: u32) -> u32 {
+    if set.table_size != 0 {
+        let position = hash % u32::from(set.table_size);
+        let key = MaglevKey::new(set_id, u32::from(set.generation), position / MAGLEV_CHUNK);
+        if let Some(chunk) = MAGLEV.get_ptr(key) {
+            // The mask keeps the index provably inside the chunk for the verifier.
+            let offset = (position % MAGLEV_CHUNK) as usize & (MAGLEV_CHUNK as usize - 1);
+            // SAFETY: a valid map value for this RCU section; one u16 copied out.
+            return u32::from(unsafe { (*chunk).backends[offset] });
+        }
+        count(stat::MAGLEV_CHUNK_MISSING);
+    }
+    hash % set.count
+}
+
 /// Picks the backend for a new flow. The same 5-tuple
 /// always hashes to the same slot, so a retransmitted first packet whose conntrack insert was
 /// lost still lands on one backend.
@@ -129,8 +149,8 @@ pub fn backend(
             }
         }
     }
-    let index = flow.hash() % set.count;
-    let slot = BackendSlot::new(set_id, set.generation, index);
+    let index = slot_index(set_id, &set, flow.hash());
+    let slot = BackendSlot::new(set_id, u32::from(set.generation), index);
     let backend = BACKENDS
         .get_ptr(slot)
         .map(|v| unsafe { *v })

@@ -9,8 +9,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     capacity, stat, AffinityKey, AffinityValue, Backend, BackendSet, BackendSlot, DatapathConfig,
-    FlowKey, FlowNat, FragmentKey, FragmentNat, MemberKey, ServiceKey, ServiceValue, SetName,
-    SockFrontend, SockPeer, SourceRange,
+    FlowKey, FlowNat, FragmentKey, FragmentNat, MaglevChunk, MaglevKey, MemberKey, ServiceKey,
+    ServiceValue, SetName, SockFrontend, SockPeer, SourceRange,
 };
 
 /// Control-plane maps are written by the agent only: allocate entries as they are written
@@ -28,6 +28,10 @@ pub static BACKEND_SETS: HashMap<u32, BackendSet> =
 
 #[map(name = "XLB_BACKEND_V1")]
 pub static BACKENDS: HashMap<BackendSlot, Backend> = HashMap::pinned(capacity::BACKENDS, ON_DEMAND);
+
+/// Maglev tables, one per backend set and generation, in chunks (see `BackendSet::table_size`).
+#[map(name = "XLB_MAGLEV_V1")]
+pub static MAGLEV: HashMap<MaglevKey, MaglevChunk> = HashMap::pinned(capacity::MAGLEV, ON_DEMAND);
 
 /// LRU: under pressure the least recently used flows go first, never a new insert failing.
 /// Established TCP flows and UDP flows; the agent's collector deletes expired ones.

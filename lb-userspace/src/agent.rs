@@ -48,6 +48,8 @@ pub struct AgentConfig {
     /// Conntrack expiry by state, and how often the collector sweeps.
     pub conntrack_timeouts: crate::datapath::conntrack_gc::Timeouts,
     pub conntrack_gc_interval: Duration,
+    /// Maglev table size of services that do not choose one.
+    pub maglev_table_size: u32,
 }
 
 /// The first cgroup v2 mount in /proc/self/mounts (`/sys/fs/cgroup` on unified hosts,
@@ -114,6 +116,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     }
     let mut datapath = Datapath::load(&cfg.pin_path)?;
     let mut writer = datapath.writer()?;
+    writer.set_default_table_size(cfg.maglev_table_size)?;
     // Maps of an earlier layout: carry conntrack over before the new programs take over.
     let migration = Migration::start(&cfg.pin_path)?;
     let node_ips = if cfg.node_ips.is_empty() {

@@ -111,6 +111,16 @@ struct RunArgs {
     /// Conntrack: seconds between two sweeps of the garbage collector.
     #[arg(long, value_name = "SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     ct_gc_interval: u64,
+    /// Maglev table size M of services without the `xlb.io/maglev-table-size` annotation: a
+    /// prime from 251 to 65521. M > 100 x backends keeps backend shares within 1%.
+    #[arg(long, value_name = "PRIME", default_value_t = xlb::model::maglev::DEFAULT_TABLE_SIZE,
+          value_parser = parse_table_size)]
+    maglev_table_size: u32,
+}
+
+fn parse_table_size(s: &str) -> Result<u32, String> {
+    let m: u32 = s.trim().parse().map_err(|e| format!("{s:?}: {e}"))?;
+    xlb::model::maglev::check_table_size(m).map(|()| m)
 }
 
 #[derive(clap::Args)]
@@ -177,6 +187,7 @@ fn main() -> Result<()> {
                     udp: Duration::from_secs(args.ct_udp_timeout),
                 },
                 conntrack_gc_interval: Duration::from_secs(args.ct_gc_interval),
+                maglev_table_size: args.maglev_table_size,
             };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

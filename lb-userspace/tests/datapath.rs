@@ -521,7 +521,7 @@ fn xdp_session_affinity_keeps_a_client_on_one_backend_until_it_leaves() {
     }
 }
 
-/// The datapath's flow hash, to predict the plain hash choice.
+/// The datapath's flow hash, to predict its (Maglev) choice.
 fn flow_hash(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> u32 {
     lb_common::FlowKey::new(src, sport, dst, dport, IPPROTO_TCP).hash()
 }
@@ -532,8 +532,12 @@ fn xdp_session_affinity_expires_after_its_timeout() {
         return;
     };
     fx.apply(&policy_state(&BACKENDS, &[], 1));
-    let hash_choice =
-        |port: u16| BACKENDS[(flow_hash(CLIENT_POD, port, POLICY_VIP, 80) % 3) as usize];
+    // The set's Maglev table, as the writer computes it (the agent's default size).
+    let m = xlb::model::maglev::DEFAULT_TABLE_SIZE;
+    let table = xlb::model::maglev::backend_table(&BACKENDS.map(|ip| Backend::new(ip, 8080, 0)), m);
+    let hash_choice = |port: u16| {
+        BACKENDS[table[(flow_hash(CLIENT_POD, port, POLICY_VIP, 80) % m) as usize] as usize]
+    };
     let first = parse_checked(&fx.run_xdp(&tcp(CLIENT_POD, 31000, POLICY_VIP, 80, true)).1).dst;
     assert_eq!(
         first,

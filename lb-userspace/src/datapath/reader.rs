@@ -46,6 +46,8 @@ pub struct ServiceRow {
     pub service: String,
     pub external: bool,
     pub backends: Vec<String>,
+    /// Maglev table size M new flows are balanced by; 0: none (`hash % count`).
+    pub maglev_table_size: u32,
 }
 
 /// Frontends with their backend sets, sorted by frontend.
@@ -65,10 +67,12 @@ pub fn services(pin_path: &Path) -> Result<Vec<ServiceRow>> {
             .map(|n| n.as_str().to_string())
             .unwrap_or_else(|_| "?".into());
         let mut list = Vec::new();
+        let mut maglev_table_size = 0;
         if let Ok(set) = sets.get(&value.backend_set, 0) {
+            maglev_table_size = u32::from(set.table_size);
             for index in 0..set.count {
                 if let Ok(b) = backends.get(
-                    &BackendSlot::new(value.backend_set, set.generation, index),
+                    &BackendSlot::new(value.backend_set, u32::from(set.generation), index),
                     0,
                 ) {
                     list.push(format!("{}:{}", b.ip(), b.port()));
@@ -87,6 +91,7 @@ pub fn services(pin_path: &Path) -> Result<Vec<ServiceRow>> {
             service: name,
             external: value.flags & SVC_F_EXTERNAL != 0,
             backends: list,
+            maglev_table_size,
         });
     }
     rows.sort_by(|a, b| (a.ip, a.port, a.protocol).cmp(&(b.ip, b.port, b.protocol)));

@@ -4,7 +4,9 @@
 //! Update order (docs/datapath.md): backend sets are created or switched before any
 //! frontend points at them, frontends are removed before their sets, and a set's new
 //! backends are written into its inactive generation before one atomic update of the set
-//! switches readers over. A packet never sees a half-written service.
+//! switches readers over. A packet never sees a half-written service. A set's Maglev table
+//! (model/maglev.rs) is computed here and written into the same inactive generation, so
+//! the switch moves readers to new slots and their table at once.
 use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{Context, Result};
@@ -16,12 +18,12 @@ use aya::{
     Ebpf,
 };
 use lb_common::{
-    map_name, Backend, BackendSet, BackendSlot, DatapathConfig, MemberKey, ServiceKey,
-    ServiceValue, SetName, SourceRange, SOURCE_RANGE_FRONTEND_BITS,
+    map_name, Backend, BackendSet, BackendSlot, DatapathConfig, MaglevChunk, MaglevKey, MemberKey,
+    ServiceKey, ServiceValue, SetName, SourceRange, MAGLEV_CHUNK, SOURCE_RANGE_FRONTEND_BITS,
 };
 use tracing::warn;
 
-use crate::model::{BackendSetName, DesiredState, Ipv4Cidr, StateDelta};
+use crate::model::{maglev, BackendSetName, DesiredState, Ipv4Cidr, StateDelta};
 
 /// A backend set as installed in the maps.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,6 +31,8 @@ struct InstalledSet {
     id: u32,
     generation: u32,
     backends: Vec<Backend>,
+    /// Maglev table size of the current generation; 0 for none.
+    table_size: u32,
 }
 
 /// What one `apply` changed, for logs and metrics.
@@ -41,6 +45,8 @@ pub struct ApplyStats {
     pub frontends_deleted: usize,
     /// Map update/delete syscalls issued.
     pub map_ops: usize,
+    /// Maglev table chunks written (included in `map_ops`).
+    pub maglev_chunks_written: usize,
 }
 
 impl ApplyStats {
@@ -55,6 +61,11 @@ pub struct MapWriter {
     backends: HashMap<MapData, BackendSlot, Backend>,
     set_names: HashMap<MapData, u32, SetName>,
     members: HashMap<MapData, MemberKey, u32>,
+    maglev: HashMap<MapData, MaglevKey, MaglevChunk>,
+    /// M of sets whose service did not choose one (`--maglev-table-size`).
+    default_table_size: u32,
+    /// Table chunks found at adoption that belong to no current table.
+    stray_chunks: Vec<MaglevKey>,
     source_ranges: LpmTrie<MapData, SourceRange, u32>,
     config: Array<MapData, DatapathConfig>,
     /// Mirror of `source_ranges`.
@@ -91,6 +102,9 @@ impl MapWriter {
             backends: take(ebpf, map_name::BACKENDS)?,
             set_names: take(ebpf, map_name::SET_NAMES)?,
             members: take(ebpf, map_name::MEMBERS)?,
+            maglev: take(ebpf, map_name::MAGLEV)?,
+            default_table_size: maglev::DEFAULT_TABLE_SIZE,
+            stray_chunks: Vec::new(),
             source_ranges: take(ebpf, map_name::SOURCE_RANGES)?,
             config: take(ebpf, map_name::CONFIG)?,
             ranges: BTreeSet::new(),
@@ -131,7 +145,7 @@ impl MapWriter {
                 Some(name) if seen_names.insert(name.clone()) => {
                     let mut backends = Vec::new();
                     for index in 0..set.count {
-                        let slot = BackendSlot::new(id, set.generation, index);
+                        let slot = BackendSlot::new(id, u32::from(set.generation), index);
                         match slots.get(&id).and_then(|s| s.get(&slot.slot)) {
                             Some((_, b)) => backends.push(*b),
                             None => {
@@ -143,8 +157,9 @@ impl MapWriter {
                         name.clone(),
                         InstalledSet {
                             id,
-                            generation: set.generation,
+                            generation: u32::from(set.generation),
                             backends,
+                            table_size: u32::from(set.table_size),
                         },
                     );
                 }
@@ -164,6 +179,17 @@ impl MapWriter {
                 if !live {
                     self.stray_slots.push(slot);
                 }
+            }
+        }
+        for key in self.maglev.keys() {
+            let key = key.context("reading Maglev tables")?;
+            let live = self.sets.values().any(|s| {
+                s.id == key.set
+                    && s.generation == key.generation()
+                    && key.chunk() < chunk_count(s.table_size)
+            });
+            if !live {
+                self.stray_chunks.push(key);
             }
         }
         for entry in self.services.iter() {
@@ -216,6 +242,35 @@ impl MapWriter {
         self.config.get(&0, 0).context("reading datapath config")
     }
 
+    /// Sets the Maglev table size of sets whose service chose none. Tables already
+    /// installed with another size are rewritten by the next full [`apply`](Self::apply).
+    pub fn set_default_table_size(&mut self, m: u32) -> Result<()> {
+        maglev::check_table_size(m).map_err(anyhow::Error::msg)?;
+        self.default_table_size = m;
+        Ok(())
+    }
+
+    /// The table size a set should have: none for fewer than two backends (every flow has
+    /// one choice; a table would only cost memory) or more than u16 indexes can name.
+    fn wanted_table_size(&self, desired: &DesiredState, name: &str, backends: &[Backend]) -> u32 {
+        if backends.len() < 2 || backends.len() > usize::from(u16::MAX) + 1 {
+            return 0;
+        }
+        match desired.maglev_table_sizes.get(name) {
+            Some(m) if maglev::check_table_size(*m).is_ok() => *m,
+            // The model validates annotations; anything else gets the default, not a panic.
+            Some(m) => {
+                warn!(
+                    set = name,
+                    size = m,
+                    "invalid Maglev table size; using the default"
+                );
+                self.default_table_size
+            }
+            None => self.default_table_size,
+        }
+    }
+
     fn alloc_id(&mut self) -> u32 {
         self.free_ids.pop().unwrap_or_else(|| {
             self.next_id += 1;
@@ -266,16 +321,19 @@ impl MapWriter {
             .iter()
             .filter_map(|name| desired.backend_sets.get_key_value(name))
         {
+            let wanted_size = self.wanted_table_size(desired, name, backends);
             match self.sets.get(name).cloned() {
                 None => {
                     let id = self.alloc_id();
                     self.write_slots(id, 0, backends, &mut stats)?;
+                    let table_size = self.write_table(id, 0, backends, wanted_size, &mut stats);
                     self.backend_sets
                         .insert(
                             id,
                             BackendSet {
                                 count: backends.len() as u32,
                                 generation: 0,
+                                table_size: table_size as u16,
                             },
                             0,
                         )
@@ -297,12 +355,22 @@ impl MapWriter {
                             id,
                             generation: 0,
                             backends: backends.clone(),
+                            table_size,
                         },
                     );
                 }
-                Some(installed) if installed.backends != *backends => {
+                Some(installed)
+                    if installed.backends != *backends || installed.table_size != wanted_size =>
+                {
                     let generation = 1 - installed.generation;
                     self.write_slots(installed.id, generation, backends, &mut stats)?;
+                    let table_size = self.write_table(
+                        installed.id,
+                        generation,
+                        backends,
+                        wanted_size,
+                        &mut stats,
+                    );
                     let old: BTreeSet<MemberKey> = installed
                         .backends
                         .iter()
@@ -322,12 +390,22 @@ impl MapWriter {
                             installed.id,
                             BackendSet {
                                 count: backends.len() as u32,
-                                generation,
+                                generation: generation as u16,
+                                table_size: table_size as u16,
                             },
                             0,
                         )
                         .with_context(|| format!("switching backend set {name}"))?;
                     stats.map_ops += 1;
+                    // The old table before its slots: a reader that still holds the old
+                    // generation and misses its chunk falls back to `hash % count` over slots
+                    // that are still there.
+                    self.delete_table(
+                        installed.id,
+                        installed.generation,
+                        installed.table_size,
+                        &mut stats,
+                    );
                     self.delete_slots(
                         installed.id,
                         installed.generation,
@@ -345,6 +423,7 @@ impl MapWriter {
                             id: installed.id,
                             generation,
                             backends: backends.clone(),
+                            table_size,
                         },
                     );
                 }
@@ -449,6 +528,12 @@ impl MapWriter {
                 installed.backends.len(),
                 &mut stats,
             );
+            self.delete_table(
+                installed.id,
+                installed.generation,
+                installed.table_size,
+                &mut stats,
+            );
             for b in &installed.backends {
                 remove_quietly(&mut self.members, &member(installed.id, b));
                 stats.map_ops += 1;
@@ -464,6 +549,10 @@ impl MapWriter {
         }
         for slot in std::mem::take(&mut self.stray_slots) {
             remove_quietly(&mut self.backends, &slot);
+            stats.map_ops += 1;
+        }
+        for key in std::mem::take(&mut self.stray_chunks) {
+            remove_quietly(&mut self.maglev, &key);
             stats.map_ops += 1;
         }
         for id in std::mem::take(&mut self.stray_sets) {
@@ -495,12 +584,60 @@ impl MapWriter {
         Ok(())
     }
 
+    /// Writes the Maglev table of `backends` (size `m`, 0 for none) into `generation` of
+    /// set `id`, whole: a membership change moves about 2·M/N of the M entries, spread over
+    /// the whole table, so nearly every chunk changes anyway (docs/datapath.md). Returns the
+    /// size written; 0 when the table could not be written (map full), so that the set falls
+    /// back to `hash % count` instead of failing.
+    fn write_table(
+        &mut self,
+        id: u32,
+        generation: u32,
+        backends: &[Backend],
+        m: u32,
+        stats: &mut ApplyStats,
+    ) -> u32 {
+        if m == 0 {
+            return 0;
+        }
+        let table = maglev::backend_table(backends, m);
+        for (chunk, entries) in table.chunks(MAGLEV_CHUNK as usize).enumerate() {
+            let mut value = MaglevChunk {
+                backends: [0; MAGLEV_CHUNK as usize],
+            };
+            for (to, from) in value.backends.iter_mut().zip(entries) {
+                *to = *from as u16;
+            }
+            let key = MaglevKey::new(id, generation, chunk as u32);
+            stats.map_ops += 1;
+            if let Err(e) = self.maglev.insert(key, value, 0) {
+                warn!(set = id, error = %e, "Maglev table not written (map full?); the set balances by hash % count");
+                self.delete_table(id, generation, m, stats);
+                return 0;
+            }
+            stats.maglev_chunks_written += 1;
+        }
+        m
+    }
+
+    fn delete_table(&mut self, id: u32, generation: u32, m: u32, stats: &mut ApplyStats) {
+        for chunk in 0..chunk_count(m) {
+            remove_quietly(&mut self.maglev, &MaglevKey::new(id, generation, chunk));
+            stats.map_ops += 1;
+        }
+    }
+
     fn delete_slots(&mut self, id: u32, generation: u32, count: usize, stats: &mut ApplyStats) {
         for index in 0..count as u32 {
             remove_quietly(&mut self.backends, &BackendSlot::new(id, generation, index));
             stats.map_ops += 1;
         }
     }
+}
+
+/// Chunks of a table of size `m` (0: none).
+fn chunk_count(m: u32) -> u32 {
+    m.div_ceil(MAGLEV_CHUNK)
 }
 
 fn member(set: u32, backend: &Backend) -> MemberKey {

@@ -79,6 +79,9 @@ pub fn desired_state(
     state
         .backend_sets
         .retain(|name, _| referenced.contains(name.as_str()));
+    state
+        .maglev_table_sizes
+        .retain(|name, _| referenced.contains(name.as_str()));
 
     (state, problems)
 }
@@ -89,6 +92,8 @@ pub(super) struct ServicePlan {
     pub(super) backend_sets: Vec<(BackendSetName, Vec<Backend>)>,
     pub(super) frontends: Vec<(ServiceKey, Frontend)>,
     pub(super) health_check: Option<(u16, HealthCheckPort)>,
+    /// Maglev table size of every set, from the service's annotation (None: the agent's).
+    pub(super) table_size: Option<u32>,
 }
 
 /// The zone of this node, from its Node object's `topology.kubernetes.io/zone` label.
@@ -116,6 +121,30 @@ struct Policies {
 
 /// Kubernetes' default sessionAffinityConfig.clientIP.timeoutSeconds.
 const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
+
+/// The service's `xlb.io/maglev-table-size`, if it has a valid one. An invalid value is
+/// reported and the agent's default used, so the service keeps working.
+fn maglev_table_size(meta: &ObjectMeta, report: &mut Reporter<'_, '_>) -> Option<u32> {
+    let value = meta
+        .annotations
+        .as_ref()?
+        .get(maglev::ANNOTATION_TABLE_SIZE)?;
+    let checked = value
+        .trim()
+        .parse::<u32>()
+        .map_err(|e| format!("{value:?}: {e}"))
+        .and_then(|m| maglev::check_table_size(m).map(|()| m));
+    match checked {
+        Ok(m) => Some(m),
+        Err(e) => {
+            report.problem(format!(
+                "annotation {}: {e}; the agent's default table size is used",
+                maglev::ANNOTATION_TABLE_SIZE
+            ));
+            None
+        }
+    }
+}
 
 fn policies(spec: &ServiceSpec, report: &mut Reporter<'_, '_>) -> Policies {
     let affinity_timeout = if spec.session_affinity.as_deref() == Some("ClientIP") {
@@ -199,6 +228,7 @@ pub(super) fn plan_service(
     );
 
     let policies = policies(spec, &mut report);
+    let table_size = maglev_table_size(&service.metadata, &mut report);
     let slice_views: Vec<SliceView<'_>> = slices
         .iter()
         .map(|slice| slice_view(slice, problems))
@@ -213,7 +243,10 @@ pub(super) fn plan_service(
         0
     };
 
-    let mut plan = ServicePlan::default();
+    let mut plan = ServicePlan {
+        table_size,
+        ..ServicePlan::default()
+    };
     for port in &ports {
         let cluster_set = port.backend_set_name(id);
         let local_set = format!("{cluster_set}/local");
@@ -349,6 +382,11 @@ fn add_plan(
     }
     // Set names start with the service's namespace/name, and a service's ports have
     // distinct names (checked in `service_ports`), so these never collide.
+    if let Some(m) = plan.table_size {
+        for (name, _) in &plan.backend_sets {
+            state.maglev_table_sizes.insert(name.clone(), m);
+        }
+    }
     state.backend_sets.extend(plan.backend_sets);
     if let Some((port, check)) = plan.health_check {
         match state.health_checks.entry(port) {
@@ -977,6 +1015,61 @@ mod tests {
             .filter(|(key, _)| key.proto != 0)
             .map(|(key, frontend)| (*key, frontend.clone()))
             .collect()
+    }
+
+    /// `xlb.io/maglev-table-size` sets M for every set of its service; an invalid value is
+    /// one problem for that service, which keeps working with the agent's default.
+    #[test]
+    fn maglev_annotation_sets_the_table_size_of_its_services_sets_and_bad_values_are_reported() {
+        let annotated = |name: &str, ip: &str, value: &str| {
+            let mut svc = cluster_ip_service(
+                name,
+                ip,
+                json!([{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]),
+            );
+            svc.metadata.annotations = Some(
+                [(maglev::ANNOTATION_TABLE_SIZE.to_string(), value.to_string())]
+                    .into_iter()
+                    .collect(),
+            );
+            svc
+        };
+        let (state, problems) = compute(
+            vec![
+                annotated("big", "10.96.0.11", " 4093 "),
+                annotated("notprime", "10.96.0.12", "4096"),
+                annotated("huge", "10.96.0.13", "131071"),
+                annotated("text", "10.96.0.14", "large"),
+                web_service_http(),
+            ],
+            vec![],
+        );
+        assert_eq!(
+            state.maglev_table_sizes,
+            [
+                ("default/big:*".to_string(), 4093),
+                ("default/big:http/TCP".to_string(), 4093)
+            ]
+            .into_iter()
+            .collect(),
+            "only the valid annotation, on each of its service's sets"
+        );
+        let reported: Vec<&str> = problems.iter().map(|p| p.object.as_str()).collect();
+        assert_eq!(
+            reported,
+            [
+                "Service default/huge",
+                "Service default/notprime",
+                "Service default/text"
+            ]
+        );
+        assert!(problems
+            .iter()
+            .all(|p| p.reason.contains(maglev::ANNOTATION_TABLE_SIZE)
+                && p.reason.contains("default table size is used")));
+        assert!(problems[1].reason.contains("not a prime"), "{problems:?}");
+        // The services with bad values still get their frontends and sets.
+        assert!(state.backend_sets.contains_key("default/notprime:http/TCP"));
     }
 
     #[test]

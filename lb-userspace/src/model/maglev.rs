@@ -7,6 +7,50 @@
 //! table is full. Because preferences depend only on the backend itself, removing one backend
 //! frees its slots and barely disturbs who owns the others.
 
+use lb_common::Backend;
+
+/// Per-service table size: `xlb.io/maglev-table-size: "4093"` (a prime within
+/// [`MIN_TABLE_SIZE`, `MAX_TABLE_SIZE`]).
+pub const ANNOTATION_TABLE_SIZE: &str = "xlb.io/maglev-table-size";
+
+/// The agent's default M (`--maglev-table-size`). Fixed per service, not derived from the
+/// backend count, so that a membership change keeps every other backend's preferences.
+/// 1021 keeps M > 100·N (slot shares within 1%) up to 10 backends, the common case, at
+/// 2 KiB of indexes per set; larger services can ask for more with the annotation.
+pub const DEFAULT_TABLE_SIZE: u32 = 1021;
+/// Below this, slot shares differ by more than a few percent even for two backends.
+pub const MIN_TABLE_SIZE: u32 = 251;
+/// The datapath stores M and the indexes as u16.
+pub const MAX_TABLE_SIZE: u32 = 65521;
+
+/// Why `m` cannot be a table size, if it cannot.
+pub fn check_table_size(m: u32) -> Result<(), String> {
+    if !(MIN_TABLE_SIZE..=MAX_TABLE_SIZE).contains(&m) {
+        return Err(format!(
+            "Maglev table size {m} is outside {MIN_TABLE_SIZE}..={MAX_TABLE_SIZE}"
+        ));
+    }
+    if !valid_table_size(m) {
+        return Err(format!("Maglev table size {m} is not a prime"));
+    }
+    Ok(())
+}
+
+/// A backend's identity for its slot preferences: address and port, as on the wire. Stable
+/// across agents and restarts, and independent of the backend's position in its set.
+pub fn backend_identity(backend: &Backend) -> Vec<u8> {
+    let mut id = u32::from(backend.ip()).to_be_bytes().to_vec();
+    id.extend_from_slice(&backend.port().to_be_bytes());
+    id
+}
+
+/// The table of a backend set as the datapath stores it: `table[position]` is the index of
+/// a backend in `backends` (the set's slot order). Empty when there are no backends.
+pub fn backend_table(backends: &[Backend], m: u32) -> Vec<u32> {
+    let ids: Vec<Vec<u8>> = backends.iter().map(backend_identity).collect();
+    table(&ids, m)
+}
+
 /// Table sizes the agent chooses from: primes near powers of two.
 pub const TABLE_SIZES: [u32; 9] = [251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521];
 
@@ -214,6 +258,19 @@ mod tests {
                 .filter(|(a, b)| **a as usize != n && a != b)
                 .count() as f64
                 / f64::from(m);
+            // Why the writer rewrites whole tables: the share of 64-entry chunks (the
+            // datapath's unit) that differ, with slot indexes as the writer stores them.
+            let chunks_changed = with
+                .chunks(lb_common::MAGLEV_CHUNK as usize)
+                .zip(without.chunks(lb_common::MAGLEV_CHUNK as usize))
+                .filter(|(a, b)| a != b)
+                .count() as f64
+                / f64::from(m.div_ceil(lb_common::MAGLEV_CHUNK));
+            println!(
+                "maglev N={n}->{} M={m}: {:.0}% of table chunks change",
+                n + 1,
+                chunks_changed * 100.0
+            );
             println!(
                 "maglev N={n}->{} M={m}: join moves {:.2}% (ideal {:.2}%) + {:.2}% needlessly \
                  ({:.2}% of slots); leave moves {:.2}% + {:.2}% needlessly; flow imbalance {:.2}%",
@@ -252,6 +309,46 @@ mod tests {
                 imb < if n == 10 { 0.05 } else { 0.12 },
                 "flow imbalance {imb}"
             );
+        }
+    }
+
+    /// The same measurement at the agent's default M = 1021, which the paper's M > 100·N
+    /// covers for N = 10 but not for N = 100: slot shares then differ by up to one slot in
+    /// about 10 (each backend owns 10 or 11 slots), the price of 2 KiB tables.
+    #[test]
+    fn at_the_default_table_size_churn_stays_small_and_imbalance_is_one_slot() {
+        let flows = flow_hashes();
+        let m = DEFAULT_TABLE_SIZE;
+        for n in [10usize, 100] {
+            let all = ids(n + 1);
+            let with = table(&all, m);
+            let without = table(&all[..n], m);
+            let before = assign(&without, &all[..n], &flows);
+            let after = assign(&with, &all, &flows);
+            let (needless_join, needed_join) = churn(&before, &after, &all[n]);
+            let (needless_leave, needed_leave) = churn(&after, &before, &all[n]);
+            let mut owned = vec![0u32; n + 1];
+            for b in &with {
+                owned[*b as usize] += 1;
+            }
+            let slot_imbalance =
+                f64::from(*owned.iter().max().unwrap()) / (f64::from(m) / (n as f64 + 1.0)) - 1.0;
+            let imb = imbalance(&after, n + 1);
+            println!(
+                "maglev default M={m}, N={n}->{}: join moves {:.2}% + {:.2}% needlessly; leave \
+                 moves {:.2}% + {:.2}% needlessly; slot imbalance {:.2}%, flow imbalance {:.2}%",
+                n + 1,
+                needed_join * 100.0,
+                needless_join * 100.0,
+                needed_leave * 100.0,
+                needless_leave * 100.0,
+                slot_imbalance * 100.0,
+                imb * 100.0
+            );
+            assert!((needed_join - 1.0 / (n as f64 + 1.0)).abs() < 0.02);
+            assert!(needless_join < 0.05 && needless_leave < 0.05);
+            // At most one slot above the mean share: 1 / (M/N).
+            assert!(slot_imbalance <= (n as f64 + 1.0) / f64::from(m) + 1e-9);
         }
     }
 }

@@ -175,6 +175,9 @@ pub struct DesiredState {
     pub backend_sets: BTreeMap<BackendSetName, Vec<Backend>>,
     /// healthCheckNodePort -> what it reports.
     pub health_checks: BTreeMap<u16, HealthCheckPort>,
+    /// Maglev table size of the sets whose service chose one (`xlb.io/maglev-table-size`);
+    /// the others use the agent's `--maglev-table-size`.
+    pub maglev_table_sizes: BTreeMap<BackendSetName, u32>,
 }
 
 /// A Kubernetes object that could not be used, and why. The rest of the state still applies.

@@ -112,6 +112,8 @@ struct CachedPlan {
     /// First claim per key within the service (as `desired_state` keeps it).
     frontends: BTreeMap<ServiceKey, Frontend>,
     health_check: Option<(u16, HealthCheckPort)>,
+    /// Maglev table size of all its sets, from the service's annotation.
+    table_size: Option<u32>,
 }
 
 pub struct ClusterView {
@@ -329,7 +331,7 @@ impl ClusterView {
                 self.set_owner.remove(set);
             }
             for (set, backends) in new.sets.iter() {
-                if old.sets.get(set) != Some(backends) {
+                if old.sets.get(set) != Some(backends) || old.table_size != new.table_size {
                     touched_sets.insert(set.clone());
                 }
                 self.set_owner.insert(set.clone(), key.clone());
@@ -415,16 +417,26 @@ impl ClusterView {
 
         // Backend sets: present while an owned frontend points at them.
         for set in touched_sets {
-            let wanted = self
+            let owner_plan = self
                 .set_refs
                 .contains_key(&set)
                 .then(|| {
                     self.set_owner
                         .get(&set)
                         .and_then(|owner| self.plans.get(owner))
-                        .and_then(|plan| plan.sets.get(&set))
                 })
                 .flatten();
+            let wanted = owner_plan.and_then(|plan| plan.sets.get(&set));
+            let wanted_size = owner_plan
+                .filter(|plan| plan.sets.contains_key(&set))
+                .and_then(|plan| plan.table_size);
+            if self.state.maglev_table_sizes.get(&set).copied() != wanted_size {
+                match wanted_size {
+                    Some(m) => self.state.maglev_table_sizes.insert(set.clone(), m),
+                    None => self.state.maglev_table_sizes.remove(&set),
+                };
+                delta.backend_sets.insert(set.clone());
+            }
             if self.state.backend_sets.get(&set) == wanted {
                 continue;
             }
@@ -495,6 +507,7 @@ impl ClusterView {
             sets: plan.backend_sets.into_iter().collect(),
             frontends: BTreeMap::new(),
             health_check: plan.health_check,
+            table_size: plan.table_size,
         };
         for (frontend_key, frontend) in plan.frontends {
             match cached.frontends.get(&frontend_key) {
@@ -637,12 +650,19 @@ mod tests {
         if rng.chance(10) {
             labels["service.kubernetes.io/service-proxy-name"] = json!("other");
         }
+        // Maglev table sizes: valid ones, and one that is reported and ignored.
+        let mut annotations = json!({});
+        if rng.chance(30) {
+            annotations[crate::model::maglev::ANNOTATION_TABLE_SIZE] =
+                json!(*rng.pick(&["251", "4093", "4096"]));
+        }
         let mut status = json!({});
         if kind == "LoadBalancer" && rng.chance(70) {
             status = json!({"loadBalancer": {"ingress": [{"ip": *rng.pick(&["172.17.0.1", "172.17.0.2"])}]}});
         }
         serde_json::from_value(json!({
-            "metadata": {"name": name, "namespace": namespace, "labels": labels},
+            "metadata": {"name": name, "namespace": namespace, "labels": labels,
+                         "annotations": annotations},
             "spec": spec,
             "status": status,
         }))
@@ -779,7 +799,9 @@ mod tests {
             .chain(after.backend_sets.keys())
             .collect();
         for set in sets {
-            if before.backend_sets.get(set) != after.backend_sets.get(set) {
+            if before.backend_sets.get(set) != after.backend_sets.get(set)
+                || before.maglev_table_sizes.get(set) != after.maglev_table_sizes.get(set)
+            {
                 assert!(
                     delta.backend_sets.contains(set),
                     "set {set} changed but is not in the delta"

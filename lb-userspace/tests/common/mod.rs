@@ -74,6 +74,11 @@ impl Fixture {
         self.writer.as_mut().unwrap().apply(desired).expect("apply");
     }
 
+    /// The agent's map writer, for tests that check what an apply did (`ApplyStats`).
+    pub fn writer(&mut self) -> &mut MapWriter {
+        self.writer.as_mut().unwrap()
+    }
+
     pub fn run_xdp(&self, packet: &[u8]) -> (u32, Vec<u8>) {
         let prog = self.datapath.as_ref().unwrap().xdp_program().unwrap();
         run(|opts| prog.test_run(opts), packet)
