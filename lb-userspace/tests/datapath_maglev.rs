@@ -61,7 +61,28 @@ fn service(name: &str, ip: Ipv4Addr, ports: u16, table_size: Option<&str>) -> Se
 
 /// The EndpointSlice of `default/<service>`: `endpoints` ready pods on every port.
 fn slice(service: &str, ports: u16, endpoints: &[Ipv4Addr]) -> EndpointSlice {
-    let ports: Vec<_> = (0..ports)
+    slice_of_ports(service, 1, 0..ports, endpoints)
+}
+
+/// The slices of a service with many ports: at most 100 ports each, as the API allows
+/// (the EndpointSlice controller splits them the same way).
+fn slices(service: &str, ports: u16, endpoints: &[Ipv4Addr]) -> Vec<EndpointSlice> {
+    (0..ports)
+        .step_by(100)
+        .enumerate()
+        .map(|(k, first)| {
+            slice_of_ports(service, k + 1, first..(first + 100).min(ports), endpoints)
+        })
+        .collect()
+}
+
+fn slice_of_ports(
+    service: &str,
+    number: usize,
+    ports: std::ops::Range<u16>,
+    endpoints: &[Ipv4Addr],
+) -> EndpointSlice {
+    let ports: Vec<_> = ports
         .map(|i| json!({"name": format!("p{i}"), "port": TARGET_PORT + i, "protocol": "TCP"}))
         .collect();
     let endpoints: Vec<_> = endpoints
@@ -70,7 +91,7 @@ fn slice(service: &str, ports: u16, endpoints: &[Ipv4Addr]) -> EndpointSlice {
         .collect();
     serde_json::from_value(json!({
         "metadata": {
-            "name": format!("{service}-1"),
+            "name": format!("{service}-{number}"),
             "namespace": "default",
             "labels": {"kubernetes.io/service-name": service},
         },
@@ -336,7 +357,10 @@ fn maglev_an_endpoint_change_of_a_300_port_service_costs_300_set_updates_only() 
             service("wide", VIP, PORTS, None),
             service("mg", Ipv4Addr::new(10, 96, 0, 31), 1, None),
         ],
-        endpoint_slices: vec![slice("wide", PORTS, &ips), slice("mg", 1, &ips)],
+        endpoint_slices: slices("wide", PORTS, &ips)
+            .into_iter()
+            .chain([slice("mg", 1, &ips)])
+            .collect(),
         nodes: Vec::new(),
     });
     let created = fx.writer().apply(view.state()).unwrap();
@@ -347,9 +371,11 @@ fn maglev_an_endpoint_change_of_a_300_port_service_costs_300_set_updates_only() 
     // An eleventh endpoint becomes ready on every port of `wide`.
     let mut eleven = ips.clone();
     eleven.push(backend_ip(10));
-    let delta = view.apply([ObjectChange::EndpointSlice(Box::new(slice(
-        "wide", PORTS, &eleven,
-    )))]);
+    let delta = view.apply(
+        slices("wide", PORTS, &eleven)
+            .into_iter()
+            .map(|slice| ObjectChange::EndpointSlice(Box::new(slice))),
+    );
     assert_eq!(delta.backend_sets.len(), PORTS as usize);
     let applied = fx.writer().apply_delta(view.state(), &delta).unwrap();
     // Per set: 11 new slots + 16 table chunks into the inactive generation, 1 member,
