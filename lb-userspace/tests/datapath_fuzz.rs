@@ -830,6 +830,19 @@ fn a_million_hostile_packets_match_the_reference_model() {
             println!("  {:<26} {xdp:>8} {tc:>8}", stat::NAMES[reason]);
         }
     }
+    println!("events counted beside the verdicts:");
+    for reason in [
+        stat::CT_PROMOTED,
+        stat::CT_REOPENED,
+        stat::CT_NEW_WITHOUT_SYN,
+        stat::REDIRECT_FIB,
+    ] {
+        println!(
+            "  {:<26} {:>8}",
+            stat::NAMES[reason as usize],
+            tally[reason as usize]
+        );
+    }
     if packets >= DEFAULT_PACKETS {
         // The run exercised every outcome it is meant to.
         for reason in [
