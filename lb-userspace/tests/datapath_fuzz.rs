@@ -19,13 +19,14 @@ use std::{
 use aya::maps::{Map, MapData, PerCpuArray};
 use common::{Fixture, NODE_IP};
 use lb_common::{
-    map_name, stat, Backend, ServiceKey, BACKEND_F_LOCAL, IPPROTO_TCP, IPPROTO_UDP, SVC_F_EXTERNAL,
+    map_name, stat, Backend, ServiceKey, BACKEND_F_LOCAL, IPPROTO_TCP, IPPROTO_UDP, SVC_F_AFFINITY,
+    SVC_F_EXTERNAL, SVC_F_LOCAL, SVC_F_SOURCE_RANGES,
 };
 use model::{
     be16, checksum, put16, put32, word_sum, BackendDesc, Config, Expect, Key, Model, Service,
     Verdict, IPPROTO_ICMP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
 };
-use xlb::model::{DesiredState, Frontend, FrontendKind};
+use xlb::model::{DesiredState, Frontend, FrontendKind, Ipv4Cidr};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -42,6 +43,8 @@ const FULL_STATS_EVERY: u64 = 4096;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+const STICKY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
+const LB_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 200);
 const BACKENDS: [Ipv4Addr; 3] = [
     Ipv4Addr::new(10, 244, 1, 3),
     Ipv4Addr::new(10, 244, 2, 2),
@@ -59,7 +62,13 @@ const CLIENTS: [Ipv4Addr; 5] = [
 const ROUTER: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 254);
 /// (address, port, proto) the generator aims at: every frontend, ports a ClusterIP does
 /// not have (S04), and destinations that are no frontend.
-const TARGETS: [(Ipv4Addr, u16, u8); 10] = [
+const TARGETS: [(Ipv4Addr, u16, u8); 16] = [
+    (STICKY_VIP, 80, IPPROTO_TCP),
+    (STICKY_VIP, 53, IPPROTO_UDP),
+    (STICKY_VIP, 22, IPPROTO_TCP),
+    (NODE_IP, 30090, IPPROTO_TCP),
+    (NODE_IP, 30091, IPPROTO_UDP),
+    (LB_IP, 80, IPPROTO_TCP),
     (VIP, 80, IPPROTO_TCP),
     (VIP, 53, IPPROTO_UDP),
     (NODE_IP, 30080, IPPROTO_TCP),
@@ -123,7 +132,10 @@ fn hex(bytes: &[u8]) -> String {
 /// The services, programmed through the agent's own writer, and the model's view of them:
 /// ClusterIP VIP:80/TCP and VIP:53/UDP with three backends (the first on this node),
 /// NodePorts 30080/TCP and 30053/UDP to the same sets, EMPTY_VIP:81/TCP and :54/UDP without
-/// endpoints, and both ClusterIPs' port-0 frontends (other ports are refused, S04).
+/// endpoints, STICKY_VIP:80/TCP and :53/UDP with session affinity, NodePorts 30090/TCP
+/// and 30091/UDP with externalTrafficPolicy Local (the local set holds the local backend,
+/// resp. nothing), LB_IP:80/TCP with loadBalancerSourceRanges, and the ClusterIPs' port-0
+/// frontends (other ports are refused, S04).
 fn program(fx: &mut Fixture) -> Model {
     let backends = |port: u16| -> Vec<Backend> {
         BACKENDS
@@ -139,7 +151,19 @@ fn program(fx: &mut Fixture) -> Model {
     desired
         .backend_sets
         .insert("default/web:dns/UDP".into(), backends(BACKEND_PORTS[1]));
+    desired
+        .backend_sets
+        .insert("default/sticky:http/TCP".into(), backends(BACKEND_PORTS[0]));
+    desired
+        .backend_sets
+        .insert("default/sticky:dns/UDP".into(), backends(BACKEND_PORTS[1]));
+    desired.backend_sets.insert(
+        "default/web:http/TCP/local".into(),
+        backends(BACKEND_PORTS[0])[..1].to_vec(),
+    );
     for set in [
+        "default/web:dns/UDP/local",
+        "default/sticky:*",
         "default/web:*",
         "default/empty:81/TCP",
         "default/empty:54/UDP",
@@ -151,7 +175,50 @@ fn program(fx: &mut Fixture) -> Model {
     let web_udp = "default/web:dns/UDP";
     let cluster_ip = FrontendKind::ClusterIp;
     let node_port = FrontendKind::NodePort;
+    let local = SVC_F_EXTERNAL | SVC_F_LOCAL;
+    let lb = FrontendKind::LoadBalancer;
     let frontends = [
+        (
+            STICKY_VIP,
+            80,
+            IPPROTO_TCP,
+            "default/sticky:http/TCP",
+            cluster_ip,
+            SVC_F_AFFINITY,
+        ),
+        (
+            STICKY_VIP,
+            53,
+            IPPROTO_UDP,
+            "default/sticky:dns/UDP",
+            cluster_ip,
+            SVC_F_AFFINITY,
+        ),
+        (STICKY_VIP, 0, 0, "default/sticky:*", cluster_ip, 0),
+        (
+            NODE_IP,
+            30090,
+            IPPROTO_TCP,
+            "default/web:http/TCP/local",
+            node_port,
+            local,
+        ),
+        (
+            NODE_IP,
+            30091,
+            IPPROTO_UDP,
+            "default/web:dns/UDP/local",
+            node_port,
+            local,
+        ),
+        (
+            LB_IP,
+            80,
+            IPPROTO_TCP,
+            web_tcp,
+            lb,
+            SVC_F_EXTERNAL | SVC_F_SOURCE_RANGES,
+        ),
         (VIP, 80, IPPROTO_TCP, web_tcp, cluster_ip, 0),
         (VIP, 53, IPPROTO_UDP, web_udp, cluster_ip, 0),
         (VIP, 0, 0, "default/web:*", cluster_ip, 0),
@@ -192,27 +259,60 @@ fn program(fx: &mut Fixture) -> Model {
     let mut services = HashMap::new();
     let mut other_ports = HashSet::new();
     for (addr, port, proto, set, kind, flags) in frontends {
-        desired.frontends.insert(
-            ServiceKey::new(addr, port, proto),
-            Frontend::new(set, kind, flags),
-        );
+        let mut frontend = Frontend::new(set, kind, flags);
+        // Local policy: pods keep the cluster-wide set (S22).
+        let cluster = set
+            .strip_suffix("/local")
+            .filter(|_| flags & SVC_F_LOCAL != 0);
+        frontend.cluster_set = cluster.map(Into::into);
+        if flags & SVC_F_AFFINITY != 0 {
+            frontend.affinity_timeout = 10_800;
+        }
+        let ranges = [
+            Ipv4Cidr {
+                addr: CLIENTS[3],
+                prefix: 32,
+            },
+            Ipv4Cidr {
+                addr: Ipv4Addr::new(10, 244, 1, 0),
+                prefix: 24,
+            },
+        ];
+        if flags & SVC_F_SOURCE_RANGES != 0 {
+            frontend.source_ranges = ranges.to_vec();
+        }
+        desired
+            .frontends
+            .insert(ServiceKey::new(addr, port, proto), frontend);
         if port == 0 {
             other_ports.insert(ip(addr));
             continue;
         }
-        let backends = desired.backend_sets[set]
-            .iter()
-            .map(|b| BackendDesc {
-                addr: ip(b.ip()),
-                port: u16::from_be(b.port),
-                local: b.flags & BACKEND_F_LOCAL != 0,
-            })
-            .collect();
+        let describe = |set: &str| -> Vec<BackendDesc> {
+            desired.backend_sets[set]
+                .iter()
+                .map(|b| BackendDesc {
+                    addr: ip(b.ip()),
+                    port: u16::from_be(b.port),
+                    local: b.flags & BACKEND_F_LOCAL != 0,
+                })
+                .collect()
+        };
         services.insert(
             (ip(addr), port, proto),
             Service {
-                backends,
+                set: set.into(),
+                backends: describe(set),
+                local: flags & SVC_F_LOCAL != 0,
+                cluster: cluster.map(|c| (c.to_string(), describe(c))),
                 external: flags & SVC_F_EXTERNAL != 0,
+                affinity: flags & SVC_F_AFFINITY != 0,
+                source_ranges: (flags & SVC_F_SOURCE_RANGES != 0).then(|| {
+                    ranges
+                        .iter()
+                        .map(|r| (ip(r.addr) & r.mask(), r.mask()))
+                        .collect()
+                }),
             },
         );
     }
@@ -229,6 +329,7 @@ fn program(fx: &mut Fixture) -> Model {
         ct: HashMap::new(),
         ct_new: HashMap::new(),
         frags: HashMap::new(),
+        affinity: HashMap::new(),
     }
 }
 
@@ -858,6 +959,8 @@ fn a_million_hostile_packets_match_the_reference_model() {
             stat::REJECT_ICMP_UNREACHABLE,
             stat::DROP_REJECT_FAILED,
             stat::DROP_NO_BACKEND,
+            stat::DROP_NO_LOCAL_BACKEND,
+            stat::DROP_SOURCE_RANGE,
             stat::FORWARD_FRAGMENT,
             stat::CT_PROMOTED,
             stat::CT_REOPENED,

@@ -74,9 +74,19 @@ pub struct BackendDesc {
 
 #[derive(Clone, Debug)]
 pub struct Service {
+    /// The frontend's backend set: its name and backends.
+    pub set: String,
     pub backends: Vec<BackendDesc>,
+    /// The set is node-local (SVC_F_LOCAL): an empty one drops, the client's source stays.
+    pub local: bool,
+    /// externalTrafficPolicy Local: the cluster-wide set sources inside the cluster use.
+    pub cluster: Option<(String, Vec<BackendDesc>)>,
     /// NodePort / external frontend (SVC_F_EXTERNAL): remote backends are masqueraded.
     pub external: bool,
+    /// sessionAffinity ClientIP (timeout far longer than the run).
+    pub affinity: bool,
+    /// loadBalancerSourceRanges as (address, mask).
+    pub source_ranges: Option<Vec<(u32, u32)>>,
 }
 
 pub struct Config {
@@ -97,6 +107,8 @@ pub struct Model {
     pub ct_new: HashMap<Key, Entry>,
     /// XLB_FRAG_V1: (saddr, daddr, id, proto) -> (saddr, daddr).
     pub frags: HashMap<(u32, u32, u16, u8), (u32, u32)>,
+    /// XLB_AFFINITY_V1: (client, set) -> backend.
+    pub affinity: HashMap<(u32, String), (u32, u16)>,
 }
 
 /// A packet as the model's own parser sees it.
@@ -289,17 +301,30 @@ impl Model {
             };
             return Ok(self.translate(input, p, e.to, reason, events));
         }
-        if service.backends.is_empty() {
+        let (saddr, _, sport, _, _) = p.key;
+        if let Some(ranges) = &service.source_ranges {
+            if !ranges.iter().any(|(addr, mask)| saddr & mask == *addr) {
+                let drop = untouched(input, Verdict::Drop, stat::DROP_SOURCE_RANGE);
+                return Ok(with_events(drop, events));
+            }
+        }
+        let (set, backends, local) = match &service.cluster {
+            Some((name, backends)) if self.in_cluster(saddr) => (name, backends, false),
+            _ => (&service.set, &service.backends, service.local),
+        };
+        if backends.is_empty() {
+            if local {
+                let drop = untouched(input, Verdict::Drop, stat::DROP_NO_LOCAL_BACKEND);
+                return Ok(with_events(drop, events));
+            }
             return Ok(reject(input, p, events));
         }
         // A new flow: the backend (and masquerade port) chosen is read from the output.
-        let (saddr, _, sport, _, _) = p.key;
         if observed.len() < p.l4_off + 4 {
             return Err("new flow: the output is too short to name a backend".into());
         }
         let (b_addr, b_port) = (be32(observed, 30), be16(observed, p.l4_off + 2));
-        let Some(backend) = service
-            .backends
+        let Some(backend) = backends
             .iter()
             .find(|b| b.addr == b_addr && b.port == b_port)
         else {
@@ -309,8 +334,23 @@ impl Model {
                 ipv4(daddr)
             ));
         };
+        if service.affinity {
+            let remembered = self
+                .affinity
+                .entry((saddr, set.clone()))
+                .or_insert((b_addr, b_port));
+            if *remembered != (b_addr, b_port) {
+                return Err(format!(
+                    "new flow with session affinity: backend {}:{b_port}, but {} remembers {}:{}",
+                    ipv4(b_addr),
+                    ipv4(saddr),
+                    ipv4(remembered.0),
+                    remembered.1
+                ));
+            }
+        }
         let snat = saddr == backend.addr
-            || (!backend.local && (service.external || !self.in_cluster(saddr)));
+            || (!(local || backend.local) && (service.external || !self.in_cluster(saddr)));
         let tcp = proto == IPPROTO_TCP;
         let resumed = tcp && p.flags & TCP_SYN == 0;
         let state = if !tcp {
