@@ -776,10 +776,26 @@ struct Run<'a> {
     input: &'a [u8],
     code: u32,
     output: &'a [u8],
+    stats: &'a Stats,
 }
 
 impl Run<'_> {
-    fn diverged(&self, expect: Option<&Expect>, what: &str) -> ! {
+    /// Fails the test. `tally` is the model's count of every counter before this packet
+    /// (plus its prediction, when the verdict's counter is what diverged): the counters
+    /// that differ say what the datapath did.
+    fn diverged(&self, expect: Option<&Expect>, tally: &[u64], what: &str) -> ! {
+        let moved: Vec<String> = (0..stat::COUNT)
+            .filter_map(|r| {
+                let counted = self.stats.get(r);
+                (counted != tally[r as usize]).then(|| {
+                    format!(
+                        "{} {counted} (model {})",
+                        stat::NAMES[r as usize],
+                        tally[r as usize]
+                    )
+                })
+            })
+            .collect();
         let names = |rs: &[u32]| {
             rs.iter()
                 .map(|r| stat::NAMES[*r as usize])
@@ -799,7 +815,7 @@ impl Run<'_> {
         panic!(
             "fuzz divergence: {what}\nseed {:#x} (XLB_FUZZ_SEED), packet #{}, {:?}\n\
              input ({} bytes):\n{}\nmodel expects: {expected}\n\
-             datapath returned {}, output ({} bytes):\n{}",
+             datapath returned {}, counted {moved:?}, output ({} bytes):\n{}",
             self.seed,
             self.index,
             self.prog,
@@ -865,16 +881,17 @@ fn a_million_hostile_packets_match_the_reference_model() {
             input: &input,
             code,
             output: &output,
+            stats: &stats,
         };
         let new_before = model.ct.len() + model.ct_new.len();
         let expect = model
             .step(&input, &output)
-            .unwrap_or_else(|why| run.diverged(None, &why));
+            .unwrap_or_else(|why| run.diverged(None, &tally, &why));
         if !verdict_matches(prog, expect.verdict, code) {
-            run.diverged(Some(&expect), "verdict");
+            run.diverged(Some(&expect), &tally, "verdict");
         }
         if output != expect.output {
-            run.diverged(Some(&expect), "output bytes");
+            run.diverged(Some(&expect), &tally, "output bytes");
         }
         tally[expect.reason as usize] += 1;
         for e in &expect.events {
@@ -888,6 +905,7 @@ fn a_million_hostile_packets_match_the_reference_model() {
         if counted != tally[expect.reason as usize] {
             run.diverged(
                 Some(&expect),
+                &tally,
                 &format!(
                     "counter {} is {counted}, the model's tally {}",
                     stat::NAMES[expect.reason as usize],

@@ -320,6 +320,11 @@ impl Model {
             return Ok(reject(input, p, events));
         }
         // A new flow: the backend (and masquerade port) chosen is read from the output.
+        if observed == input {
+            if let Some(e) = self.snat_exhausted(input, p, &service, backends, local, set) {
+                return Ok(with_events(e, events));
+            }
+        }
         if observed.len() < p.l4_off + 4 {
             return Err("new flow: the output is too short to name a backend".into());
         }
@@ -397,6 +402,41 @@ impl Model {
             events.push(stat::CT_NEW_WITHOUT_SYN);
         }
         Ok(self.translate(input, p, original.to, stat::FORWARD_NEW, events))
+    }
+
+    /// A new flow the datapath left untouched: dropped as `drop_snat_exhausted` is right only
+    /// if a backend it may have chosen (the remembered one under affinity) needs masquerading
+    /// and all 8 ports the flow tries towards it are in use.
+    fn snat_exhausted(
+        &self,
+        input: &[u8],
+        p: &L4,
+        service: &Service,
+        backends: &[BackendDesc],
+        local: bool,
+        set: &str,
+    ) -> Option<Expect> {
+        let (saddr, daddr, sport, dport, proto) = p.key;
+        let remembered = self.affinity.get(&(saddr, set.to_string()));
+        let hash = lb_common::FlowKey::new(ipv4(saddr), sport, ipv4(daddr), dport, proto).hash();
+        let (min, max) = self.cfg.snat_ports;
+        let range = u32::from(max) - u32::from(min) + 1;
+        let exhausted = backends
+            .iter()
+            .filter(|b| remembered.is_none_or(|r| *r == (b.addr, b.port)))
+            .filter(|b| {
+                saddr == b.addr
+                    || (!(local || b.local) && (service.external || !self.in_cluster(saddr)))
+            })
+            .any(|b| {
+                (0..8).all(|i| {
+                    let port = (u32::from(min) + snat_try(hash, i) % range) as u16;
+                    let key = (b.addr, self.cfg.snat_addr, b.port, port, proto);
+                    self.ct.contains_key(&key)
+                        || (proto == IPPROTO_TCP && self.ct_new.contains_key(&key))
+                })
+            });
+        exhausted.then(|| untouched(input, Verdict::Drop, stat::DROP_SNAT_EXHAUSTED))
     }
 
     /// conntrack::lookup: the established table, then for replies (SYN-ACK, RST) the
@@ -755,4 +795,15 @@ pub fn key_of(p: &[u8]) -> Key {
         Parsed::L4(l4) => l4.key,
         _ => (0, 0, 0, 0, 0),
     }
+}
+
+/// The datapath's `i`th masquerade port try for a flow hash (docs/datapath.md: independent
+/// mixes of the flow's hash), reduced to the range by the caller.
+fn snat_try(hash: u32, i: u32) -> u32 {
+    let mut h = hash ^ i.wrapping_mul(0x9e37_79b9);
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
 }
