@@ -383,8 +383,8 @@ fn s31_an_out_of_window_reply_is_still_translated_never_sent_on_with_the_backend
     assert_eq!(fx.stat(stat::REVERSE_NAT), 4);
 }
 
-/// Found by the fuzz test (`datapath_fuzz`, seed 0x2): masquerade ports were tried at a fixed
-/// stride from the flow's hash, so the tries of different flows overlapped as in linear
+/// Found by the fuzz test (`datapath_fuzz`): masquerade ports were tried at a fixed stride
+/// from the flow's hash, so the tries of different flows overlapped as in linear
 /// probing (primary clustering) and a new flow found its 8 ports taken while a fifth of the
 /// backend's port range was in use — and since its tries depend only on its 5-tuple, so did
 /// each of its retries. Here the ports that stride would try are all taken: the flow must
