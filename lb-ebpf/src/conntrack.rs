@@ -254,6 +254,20 @@ fn tracked_in_other_table(resumed: bool, key: &FlowKey) -> bool {
     }
 }
 
+/// The `i`th masquerade port try of a flow, before reduction to the range: each try an
+/// independent mix of the flow's hash. (Tries at a fixed stride from one start overlapped
+/// between flows as in linear probing: a flow found its 8 ports taken while a fifth of the
+/// range was in use, and so did each of its retries — found by the fuzz test.)
+#[inline(always)]
+fn snat_try(hash: u32, i: u32) -> u32 {
+    let mut h = hash ^ i.wrapping_mul(0x9e37_79b9);
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
 /// Tracks a new flow to `backend` and returns the translation for its first packet. TCP
 /// flows opened by a SYN start embryonic (`CONNTRACK_NEW`); UDP flows and resumed TCP flows
 /// go straight to `CONNTRACK`.
@@ -318,10 +332,10 @@ pub fn create(
         reply_key.daddr = cfg.snat_addr;
         let min = u32::from(cfg.snat_port_min);
         let range = u32::from(cfg.snat_port_max).saturating_sub(min) + 1;
-        let start = flow.hash() % range;
+        let hash = flow.hash();
         let mut found = false;
         for i in 0..SNAT_TRIES {
-            let port = (min + (start + i * 7919) % range) as u16;
+            let port = (min + snat_try(hash, i) % range) as u16;
             reply_key.dport = port.to_be();
             // A port already used towards this backend belongs to another flow, in the
             // other TCP table or (NOEXIST) in the table we insert into.

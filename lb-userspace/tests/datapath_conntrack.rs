@@ -6,9 +6,13 @@ mod common;
 
 use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
+use aya::maps::{HashMap, Map, MapData};
 use common::Fixture;
 use etherparse::{NetSlice, SlicedPacket, TransportSlice};
-use lb_common::{ct_state, stat, Backend, ServiceKey, IPPROTO_TCP, IPPROTO_UDP};
+use lb_common::{
+    ct_state, map_name, stat, Backend, FlowKey, FlowNat, ServiceKey, FLOW_F_REPLY, FLOW_F_SNAT,
+    IPPROTO_TCP, IPPROTO_UDP,
+};
 use xlb::{
     bench::packets::tcp_frame,
     datapath::{
@@ -377,4 +381,69 @@ fn s31_an_out_of_window_reply_is_still_translated_never_sent_on_with_the_backend
     }
     assert_eq!(states(&fx, 43000), Some(("established", "closed")));
     assert_eq!(fx.stat(stat::REVERSE_NAT), 4);
+}
+
+/// Found by the fuzz test (`datapath_fuzz`): masquerade ports were tried at a fixed stride
+/// from the flow's hash, so the tries of different flows overlapped as in linear
+/// probing (primary clustering) and a new flow found its 8 ports taken while a fifth of the
+/// backend's port range was in use — and since its tries depend only on its 5-tuple, so did
+/// each of its retries. Here the ports that stride would try are all taken: the flow must
+/// still get one of the free ports.
+#[test]
+fn a_masquerade_port_is_found_when_the_ports_of_a_fixed_stride_are_taken() {
+    let Some(fx) = fixture("snat_probe") else {
+        return;
+    };
+    let external = Ipv4Addr::new(172, 18, 0, 100);
+    let flow = FlowKey::new(external, 40000, VIP, 53, IPPROTO_UDP);
+    let range = 65535 - 61000 + 1;
+    let start = flow.hash() % range;
+    let stride: Vec<u16> = (0..8)
+        .map(|i| (61000 + (start + i * 7919) % range) as u16)
+        .collect();
+    // Other flows' reply entries hold those ports towards the backend.
+    let data = MapData::from_pin(fx.pin.join(map_name::CONNTRACK)).expect("pinned conntrack");
+    let mut ct: HashMap<MapData, FlowKey, FlowNat> =
+        HashMap::try_from(Map::LruHashMap(data)).expect("conntrack map");
+    for (i, port) in stride.iter().enumerate() {
+        let other = FlowKey::new(BACKEND, 5353, common::NODE_IP, *port, IPPROTO_UDP);
+        let nat = FlowNat {
+            saddr: u32::from(VIP).to_be(),
+            daddr: u32::from(Ipv4Addr::new(172, 18, 1, i as u8)).to_be(),
+            sport: 53u16.to_be(),
+            dport: 40000u16.to_be(),
+            flags: FLOW_F_REPLY | FLOW_F_SNAT,
+            backend_set: 0,
+            state: ct_state::NONE,
+            _pad: [0; 3],
+            last_seen_ns: monotonic_ns(),
+        };
+        ct.insert(other, nat, 0).expect("insert a reply entry");
+    }
+    let (verdict, out) = fx.run_xdp(&udp_frame((external, 40000), (VIP, 53)));
+    assert_eq!(
+        fx.stat(stat::DROP_SNAT_EXHAUSTED),
+        0,
+        "8 busy ports out of 4536 refused a flow"
+    );
+    assert_eq!(verdict, XDP_PASS);
+    let (src, dst) = endpoints(&out);
+    assert_eq!(dst, (BACKEND, 5353));
+    assert_eq!(src.0, common::NODE_IP, "masqueraded");
+    assert!(
+        (61000..=65535).contains(&src.1) && !stride.contains(&src.1),
+        "port {} is free and in the range",
+        src.1
+    );
+}
+
+/// A UDP datagram from `src` to `dst` with a right checksum.
+fn udp_frame(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Vec<u8> {
+    let mut v = Vec::new();
+    etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ipv4(src.0.octets(), dst.0.octets(), 64)
+        .udp(src.1, dst.1)
+        .write(&mut v, b"query")
+        .unwrap();
+    v
 }

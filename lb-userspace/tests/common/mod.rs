@@ -7,7 +7,7 @@
 
 use std::{net::Ipv4Addr, path::PathBuf};
 
-use aya::programs::{TestRun, TestRunOptions, TestRunResult};
+use aya::programs::{ProgramError, TestRun, TestRunOptions, TestRunResult};
 use lb_common::{stat, DatapathConfig, CFG_F_READY};
 use xlb::{
     datapath::{reader, Datapath, MapWriter},
@@ -89,6 +89,18 @@ impl Fixture {
         run(|opts| prog.test_run(opts), packet)
     }
 
+    /// As `run_tc`, but a refused test run is returned rather than a panic (the fuzz test
+    /// prints the packet the kernel refused).
+    pub fn try_run_tc(&self, packet: &[u8]) -> Result<(u32, Vec<u8>), ProgramError> {
+        let prog = self.datapath.as_ref().unwrap().tc_program().unwrap();
+        try_run(|opts| prog.test_run(opts), packet)
+    }
+
+    pub fn try_run_xdp(&self, packet: &[u8]) -> Result<(u32, Vec<u8>), ProgramError> {
+        let prog = self.datapath.as_ref().unwrap().xdp_program().unwrap();
+        try_run(|opts| prog.test_run(opts), packet)
+    }
+
     pub fn stat(&self, reason: u32) -> u64 {
         reader::stats(&self.pin).unwrap()[stat::NAMES[reason as usize]]
     }
@@ -119,14 +131,21 @@ impl Drop for Fixture {
 
 /// One BPF_PROG_TEST_RUN: the verdict and the output packet.
 fn run(
-    f: impl FnOnce(TestRunOptions<'_>) -> Result<TestRunResult, aya::programs::ProgramError>,
+    f: impl FnOnce(TestRunOptions<'_>) -> Result<TestRunResult, ProgramError>,
     packet: &[u8],
 ) -> (u32, Vec<u8>) {
+    try_run(f, packet).expect("BPF_PROG_TEST_RUN")
+}
+
+fn try_run(
+    f: impl FnOnce(TestRunOptions<'_>) -> Result<TestRunResult, ProgramError>,
+    packet: &[u8],
+) -> Result<(u32, Vec<u8>), ProgramError> {
     let mut out = vec![0u8; packet.len() + 256];
     let mut opts = TestRunOptions::new();
     opts.data_in = Some(packet);
     opts.data_out = Some(&mut out);
-    let result = f(opts).expect("BPF_PROG_TEST_RUN");
+    let result = f(opts)?;
     out.truncate(result.data_size_out as usize);
-    (result.return_value, out)
+    Ok((result.return_value, out))
 }
