@@ -29,6 +29,11 @@ pub const TRAFFIC_VIP: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 10);
 pub const TRAFFIC_PORT: u16 = 80;
 /// The server's port (TCP and UDP), the service's target port.
 pub const SERVER_PORT: u16 = 8080;
+/// A second server port, for traffic that is not to a service. Not 8080: a client port
+/// reused (TIME_WAIT reuse) for a direct connection to pod:8080 after a VIP connection
+/// would meet xlb's conntrack entry of the earlier VIP flow, whose reply side has the same
+/// tuple (see the report's part 2).
+pub const DIRECT_PORT: u16 = 8081;
 const CLIENT_POD: &str = "client";
 const SERVER_POD: &str = "server";
 const CLIENT_NODE: &str = "node1";
@@ -87,6 +92,7 @@ pub struct BenchCluster {
     pub services: usize,
     // Field order: the server stops before the testbed's namespaces go.
     _server: Server,
+    _direct_server: Server,
     pub tb: Testbed,
     manifests: PathBuf,
     xlb: Option<PathBuf>,
@@ -104,20 +110,21 @@ impl BenchCluster {
         };
         let tb = Testbed::create(&spec)?;
         let server = Server::start(&tb.pod(SERVER_POD).netns, SERVER_PORT)?;
+        let direct_server = Server::start(&tb.pod(SERVER_POD).netns, DIRECT_PORT)?;
         loadgen::prepare_client_netns(&tb.pod(CLIENT_POD).netns)?;
         let manifests = tb.work_dir().join("manifests");
         let mut c = BenchCluster {
             proxy,
             services,
             _server: server,
+            _direct_server: direct_server,
             tb,
             manifests,
             xlb: xlb.map(Path::to_path_buf),
         };
         let started = Instant::now();
-        c.load().with_context(|| {
-            format!("loading {} with {services} services", proxy.short())
-        })?;
+        c.load()
+            .with_context(|| format!("loading {} with {services} services", proxy.short()))?;
         say(format!(
             "  {} with {} services ready in {:.1} s",
             proxy.short(),
@@ -146,6 +153,11 @@ impl BenchCluster {
 
     pub fn direct_target(&self) -> SocketAddrV4 {
         SocketAddrV4::new(self.server_ip(), SERVER_PORT)
+    }
+
+    /// The pod IP on a port no service points at: traffic that is not to a service.
+    pub fn no_service_target(&self) -> SocketAddrV4 {
+        SocketAddrV4::new(self.server_ip(), DIRECT_PORT)
     }
 
     /// The traffic service's two ports (TCP and UDP) as kube-proxy sees them.
@@ -264,10 +276,7 @@ impl BenchCluster {
 
     /// Starts xlb on `node` (uplink mode per system); the time to its ready file.
     pub fn start_agent(&mut self, node: &str) -> Result<Duration> {
-        let xlb = self
-            .xlb
-            .clone()
-            .context("no xlb binary to run the agent")?;
+        let xlb = self.xlb.clone().context("no xlb binary to run the agent")?;
         let mode = if self.proxy == Proxy::XlbTc {
             "tc"
         } else {
@@ -329,17 +338,22 @@ impl BenchCluster {
     /// broken path fails here, loudly, instead of as a low number.
     fn check_paths(&self) -> Result<()> {
         let ns = self.client_netns();
-        for target in [self.service_target(), self.direct_target()] {
+        for target in [
+            self.service_target(),
+            self.direct_target(),
+            self.no_service_target(),
+        ] {
             for test in [loadgen::Test::TcpRr, loadgen::Test::UdpRr] {
-                let out = loadgen::run(&ns, test, target, Duration::from_millis(50))
-                    .with_context(|| {
+                let out = loadgen::run(&ns, test, target, Duration::from_millis(50)).with_context(
+                    || {
                         format!(
                             "{} with {} services: {} to {target} does not work",
                             self.proxy.short(),
                             self.services,
                             test.label()
                         )
-                    })?;
+                    },
+                )?;
                 ensure!(
                     out.count > 0,
                     "{}: no {} transaction to {target} completed",

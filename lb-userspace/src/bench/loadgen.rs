@@ -325,7 +325,10 @@ fn udp_rr(target: SocketAddrV4, duration: Duration) -> Result<Outcome> {
         }
     }
     if errors as f64 > UDP_MAX_LOSS * (count + errors) as f64 {
-        bail!("UDP_RR to {target}: {errors} of {} requests unanswered", count + errors);
+        bail!(
+            "UDP_RR to {target}: {errors} of {} requests unanswered",
+            count + errors
+        );
     }
     Ok(Outcome {
         seconds: started.elapsed().as_secs_f64(),

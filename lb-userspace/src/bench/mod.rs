@@ -20,6 +20,7 @@ pub mod loadgen;
 pub mod packets;
 pub mod per_packet;
 pub mod report;
+mod report_traffic;
 pub mod restart;
 pub mod stats;
 mod svg;

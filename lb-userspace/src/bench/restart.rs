@@ -60,9 +60,12 @@ pub struct RestartResults {
 /// millisecond without keeping the (shared) cores busy.
 const PACE: Duration = Duration::from_millis(1);
 
+/// Transactions on one established connection, and why it broke (if it did).
+type ConnectionLoop = JoinHandle<Result<(u64, Option<String>)>>;
+
 struct Load {
     stop: Arc<AtomicBool>,
-    rr: Vec<JoinHandle<Result<(u64, Option<String>)>>>,
+    rr: Vec<ConnectionLoop>,
     crr: JoinHandle<Result<(u64, u64, Option<String>)>>,
     udp: JoinHandle<Result<(u64, u64)>>,
 }
@@ -93,10 +96,12 @@ fn start_load(netns: &str, vip: SocketAddrV4, connections: usize) -> Result<Load
         spawn_in_netns(netns, move || {
             let (mut ok, mut failed, mut last) = (0, 0, None);
             while !stop.load(Ordering::Relaxed) {
-                let r = TcpStream::connect_timeout(&SocketAddr::V4(vip), TCP_TIMEOUT).and_then(|mut c| {
-                    c.set_read_timeout(Some(TCP_TIMEOUT))?;
-                    loadgen::transact(&mut c)
-                });
+                let r = TcpStream::connect_timeout(&SocketAddr::V4(vip), TCP_TIMEOUT).and_then(
+                    |mut c| {
+                        c.set_read_timeout(Some(TCP_TIMEOUT))?;
+                        loadgen::transact(&mut c)
+                    },
+                );
                 match r {
                     Ok(()) => ok += 1,
                     Err(e) => {
@@ -132,7 +137,10 @@ fn start_load(netns: &str, vip: SocketAddrV4, connections: usize) -> Result<Load
 }
 
 pub fn run(cfg: &RestartConfig) -> Result<RestartResults> {
-    ensure!(cfg.xlb.is_some(), "the restart measurement needs the xlb binary");
+    ensure!(
+        cfg.xlb.is_some(),
+        "the restart measurement needs the xlb binary"
+    );
     let mut c = BenchCluster::start(Proxy::XlbXdp, cfg.services, cfg.xlb.as_deref())?;
     let vip = c.service_target();
     let started = Instant::now();
@@ -174,10 +182,15 @@ pub fn run(cfg: &RestartConfig) -> Result<RestartResults> {
             failures.push(why);
         }
     }
-    let (new_connections_ok, new_connections_failed, last) =
-        load.crr.join().map_err(|_| anyhow!("connection loop panicked"))??;
+    let (new_connections_ok, new_connections_failed, last) = load
+        .crr
+        .join()
+        .map_err(|_| anyhow!("connection loop panicked"))??;
     failures.extend(last);
-    let (udp_sent, udp_lost) = load.udp.join().map_err(|_| anyhow!("UDP loop panicked"))??;
+    let (udp_sent, udp_lost) = load
+        .udp
+        .join()
+        .map_err(|_| anyhow!("UDP loop panicked"))??;
     outcome?;
     let seconds = started.elapsed().as_secs_f64();
     say(format!(

@@ -70,7 +70,13 @@ pub struct TrafficResults {
 }
 
 impl TrafficResults {
-    pub fn row(&self, proxy: Proxy, services: usize, test: Test, target: Target) -> Option<&TrafficRow> {
+    pub fn row(
+        &self,
+        proxy: Proxy,
+        services: usize,
+        test: Test,
+        target: Target,
+    ) -> Option<&TrafficRow> {
         self.rows.iter().find(|r| {
             r.proxy == proxy && r.services == services && r.test == test && r.target == target
         })
@@ -107,7 +113,8 @@ pub fn run(cfg: &TrafficConfig) -> Result<TrafficResults> {
         for proxy in Proxy::ALL {
             clusters.push(BenchCluster::start(proxy, n, cfg.xlb.as_deref())?);
         }
-        let mut plan: Vec<(Test, Target)> = Test::ALL.iter().map(|t| (*t, Target::Service)).collect();
+        let mut plan: Vec<(Test, Target)> =
+            Test::ALL.iter().map(|t| (*t, Target::Service)).collect();
         if cfg.no_service_crr && n == largest {
             plan.push((Test::TcpCrr, Target::PodIp));
         }
@@ -131,7 +138,10 @@ pub fn run(cfg: &TrafficConfig) -> Result<TrafficResults> {
             }
         }
         for round in 1..=cfg.rounds {
-            say(format!("part 2: {n} services, round {round}/{}", cfg.rounds));
+            say(format!(
+                "part 2: {n} services, round {round}/{}",
+                cfg.rounds
+            ));
             for &(test, target) in &plan {
                 let seconds = match test {
                     Test::TcpRr | Test::TcpCrr => cfg.rr_s,
@@ -148,10 +158,17 @@ pub fn run(cfg: &TrafficConfig) -> Result<TrafficResults> {
                     }
                     let to = match target {
                         Target::Service => c.service_target(),
-                        Target::PodIp => c.direct_target(),
+                        Target::PodIp => c.no_service_target(),
                     };
-                    let out = loadgen::run(&c.client_netns(), test, to, Duration::from_secs_f64(seconds))
-                        .with_context(|| format!("{} {} with {n} services", c.proxy.short(), test.label()))?;
+                    let out = loadgen::run(
+                        &c.client_netns(),
+                        test,
+                        to,
+                        Duration::from_secs_f64(seconds),
+                    )
+                    .with_context(|| {
+                        format!("{} {} with {n} services", c.proxy.short(), test.label())
+                    })?;
                     let rate = out.rate(test);
                     if c.proxy == Proxy::Limit {
                         limit = rate;
@@ -171,10 +188,15 @@ pub fn run(cfg: &TrafficConfig) -> Result<TrafficResults> {
                 if target == Target::PodIp {
                     let limit = rows[start..]
                         .iter()
-                        .find(|r| r.proxy == Proxy::Limit && r.test == test && r.target == Target::Service)
+                        .find(|r| {
+                            r.proxy == Proxy::Limit && r.test == test && r.target == Target::Service
+                        })
                         .and_then(|r| r.rates.last().copied())
                         .unwrap_or(f64::NAN);
-                    for row in rows[start..].iter_mut().filter(|r| r.test == test && r.target == target) {
+                    for row in rows[start..]
+                        .iter_mut()
+                        .filter(|r| r.test == test && r.target == target)
+                    {
                         let rate = *row.rates.last().expect("just measured");
                         row.ratios.push(rate / limit);
                     }
