@@ -100,9 +100,16 @@ fn plan(entries: &[(System, usize, usize)]) -> Vec<ColdPlan> {
         .collect()
 }
 
-fn traffic_config(sizes: Vec<usize>, rounds: usize, rr_s: f64, stream_s: f64) -> TrafficConfig {
+fn traffic_config(
+    sizes: Vec<usize>,
+    background_endpoints: usize,
+    rounds: usize,
+    rr_s: f64,
+    stream_s: f64,
+) -> TrafficConfig {
     TrafficConfig {
         sizes,
+        background_endpoints,
         rounds,
         rr_s,
         stream_s,
@@ -157,7 +164,7 @@ impl BenchConfig {
                 endpoints: ENDPOINTS,
                 changes: 500,
             }),
-            traffic: Some(traffic_config(vec![1, 10_000], 5, 10.0, 5.0)),
+            traffic: Some(traffic_config(vec![1, 10_000], ENDPOINTS, 5, 10.0, 5.0)),
             restart: Some(restart_config(10_000, 1.0)),
             agent_services: 50_000,
             agent_timeout_s: 600.0,
@@ -196,7 +203,7 @@ impl BenchConfig {
                 endpoints: ENDPOINTS,
                 changes: 200,
             }),
-            traffic: Some(traffic_config(vec![1, 10_000], 3, 1.5, 1.0)),
+            traffic: Some(traffic_config(vec![1, 10_000], 1, 3, 1.0, 0.7)),
             restart: Some(restart_config(10_000, 0.5)),
             agent_services: 50_000,
             agent_timeout_s: 300.0,
@@ -228,7 +235,7 @@ impl BenchConfig {
                 endpoints: ENDPOINTS,
                 changes: 20,
             }),
-            traffic: Some(traffic_config(vec![1, 10], 1, 0.3, 0.2)),
+            traffic: Some(traffic_config(vec![1, 10], ENDPOINTS, 1, 0.3, 0.2)),
             restart: Some(RestartConfig {
                 cycles: 1,
                 ..restart_config(10, 0.2)

@@ -227,10 +227,15 @@ pub fn traffic_section(o: &mut String, r: &BenchResults, plots: &[&str]) {
         "Load generator: **{}**. A client pod on node1 sends to the ClusterIP of a service \
          whose one endpoint is a server pod on node2 (netns testbed: veths, a bridge as the \
          switch), so the VIP and the direct runs reach the same server through the same \
-         nodes. *limit*: the same tests to the pod IP with nothing loaded. The other 9 999 \
-         (or n − 1) services are synthetic background (10 endpoints each), loaded on both \
-         nodes. The kube-proxy layouts are the rules of part 3 plus the traffic service, \
-         loaded by `iptables-restore` ({}) and `nft -f`. {} round(s), interleaved: each test \
+         nodes. *limit*: the same tests to the pod IP with nothing loaded. The other n − 1 \
+         services are synthetic background ({} endpoint(s) each in this run: 10 in full \
+         runs; quick runs use 1 because nft took 7 minutes to load 10 000 services of 10 \
+         endpoints on the two nodes; no test packet meets a background endpoint), loaded on \
+         both nodes. The kube-proxy layouts are the rules of part 3 plus the traffic service, \
+         loaded by {} and `nft -f`: iptables' legacy backend where installed, because \
+         the nf_tables backend's `iptables-restore` did not load 10 000 services in 13 \
+         minutes here (its programming times are in part 3); the rules, and their linear \
+         walk by every new flow, are the same on either backend. {} round(s), interleaved: each test \
          runs on every system in turn before the next test; TCP_RR and TCP_CRR run {} s, \
          TCP_STREAM and UDP_RR {} s. Before every TCP_CRR run the kube-proxy nodes' \
          conntrack tables are flushed (`conntrack -F`); each system has its own cluster and \
@@ -238,7 +243,7 @@ pub fn traffic_section(o: &mut String, r: &BenchResults, plots: &[&str]) {
          the ratio to the limit within each round. TCP_RR, TCP_CRR and UDP_RR in \
          transactions/s, TCP_STREAM in Gbit/s. NodePort traffic from the external host was \
          not measured in this run.\n",
-        t.generator, t.iptables_version, c.rounds, c.rr_s, c.stream_s
+        t.generator, c.background_endpoints, t.iptables_version, c.rounds, c.rr_s, c.stream_s
     );
     for &n in &c.sizes {
         let _ = writeln!(

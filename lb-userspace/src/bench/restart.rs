@@ -22,6 +22,7 @@ use super::{
     loadgen::{self, spawn_in_netns, TCP_TIMEOUT, UDP_TIMEOUT},
     say,
     stats::Summary,
+    ENDPOINTS,
 };
 
 #[derive(Clone, Debug, Serialize)]
@@ -141,7 +142,7 @@ pub fn run(cfg: &RestartConfig) -> Result<RestartResults> {
         cfg.xlb.is_some(),
         "the restart measurement needs the xlb binary"
     );
-    let mut c = BenchCluster::start(Proxy::XlbXdp, cfg.services, cfg.xlb.as_deref())?;
+    let mut c = BenchCluster::start(Proxy::XlbXdp, cfg.services, ENDPOINTS, cfg.xlb.as_deref())?;
     let vip = c.service_target();
     let started = Instant::now();
     let load = start_load(&c.client_netns(), vip, cfg.connections)?;

@@ -24,6 +24,11 @@ pub struct TrafficConfig {
     /// Services loaded (the traffic service plus synthetic background ones).
     pub sizes: Vec<usize>,
     pub rounds: usize,
+    /// Endpoints of each background service: 10 in full runs; fewer in quick runs, where
+    /// nft would otherwise take minutes to load 10 000 services on each node. No packet of
+    /// the tests meets them: on every system a background service costs a new flow the same
+    /// (a rule to walk past, a map entry) whatever its endpoints.
+    pub background_endpoints: usize,
     /// Seconds per TCP_RR and TCP_CRR run.
     pub rr_s: f64,
     /// Seconds per TCP_STREAM and UDP_RR run.
@@ -64,7 +69,8 @@ pub struct TrafficResults {
     pub config: TrafficConfig,
     /// Which load generator ran the tests.
     pub generator: String,
-    /// `iptables-restore --version` (the iptables layout runs on its backend).
+    /// `iptables-legacy-restore --version` (or `iptables-restore`): the loader and backend
+    /// of the iptables layout.
     pub iptables_version: String,
     pub rows: Vec<TrafficRow>,
 }
@@ -99,7 +105,7 @@ pub fn run(cfg: &TrafficConfig) -> Result<TrafficResults> {
     } else {
         GENERATOR.to_string()
     };
-    let iptables_version = std::process::Command::new("iptables-restore")
+    let iptables_version = std::process::Command::new(super::cluster::iptables_restore())
         .arg("--version")
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
@@ -111,7 +117,12 @@ pub fn run(cfg: &TrafficConfig) -> Result<TrafficResults> {
         say(format!("part 2: clusters with {n} services"));
         let mut clusters = Vec::new();
         for proxy in Proxy::ALL {
-            clusters.push(BenchCluster::start(proxy, n, cfg.xlb.as_deref())?);
+            clusters.push(BenchCluster::start(
+                proxy,
+                n,
+                cfg.background_endpoints,
+                cfg.xlb.as_deref(),
+            )?);
         }
         let mut plan: Vec<(Test, Target)> =
             Test::ALL.iter().map(|t| (*t, Target::Service)).collect();
