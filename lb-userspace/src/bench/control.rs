@@ -22,7 +22,7 @@ use super::{
 };
 use crate::{
     datapath::{reader, Datapath},
-    model::{ClusterView, ObjectChange},
+    model::{ClusterState, ClusterView, ObjectChange},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -592,17 +592,7 @@ pub fn agent(cfg: &AgentConfig) -> Result<AgentResults> {
         cfg.services
     ));
     let cluster = synth::cluster(cfg.services, cfg.endpoints);
-    let mut items: Vec<serde_json::Value> = Vec::new();
-    for s in &cluster.services {
-        items.push(with_kind(serde_json::to_value(s)?, "v1", "Service"));
-    }
-    for s in &cluster.endpoint_slices {
-        items.push(with_kind(
-            serde_json::to_value(s)?,
-            "discovery.k8s.io/v1",
-            "EndpointSlice",
-        ));
-    }
+    let items = manifest_items(&cluster)?;
     drop(cluster);
     let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items});
     let text = serde_json::to_vec(&list)?;
@@ -681,6 +671,22 @@ pub fn agent(cfg: &AgentConfig) -> Result<AgentResults> {
         maps,
         map_bytes,
     })
+}
+
+/// The cluster's Services and EndpointSlices as manifest objects (with kind and apiVersion).
+pub(crate) fn manifest_items(cluster: &ClusterState) -> Result<Vec<serde_json::Value>> {
+    let mut items = Vec::new();
+    for s in &cluster.services {
+        items.push(with_kind(serde_json::to_value(s)?, "v1", "Service"));
+    }
+    for s in &cluster.endpoint_slices {
+        items.push(with_kind(
+            serde_json::to_value(s)?,
+            "discovery.k8s.io/v1",
+            "EndpointSlice",
+        ));
+    }
+    Ok(items)
 }
 
 fn with_kind(mut value: serde_json::Value, api_version: &str, kind: &str) -> serde_json::Value {

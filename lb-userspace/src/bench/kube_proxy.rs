@@ -16,7 +16,7 @@
 //! One deliberate difference: base-chain priorities are written as numbers (-110, -90, -100,
 //! 100), which is what kube-proxy's `dstnat-10`, `dstnat+10`, `dstnat` and `srcnat` mean;
 //! nft 1.0.6 (Debian 12) rejects those mnemonics on filter chains.
-use std::fmt::Write;
+use std::{fmt::Write, net::Ipv4Addr};
 
 use super::synth;
 
@@ -25,21 +25,60 @@ const MASQ_MARK: &str = "0x004000";
 /// kube-proxy switches to "large cluster mode" above this many endpoints.
 const LARGE_CLUSTER_ENDPOINTS: usize = 1000;
 
-fn port_name(i: usize) -> String {
-    format!("{}/{}:http", synth::NAMESPACE, synth::service_name(i))
+/// One service port as kube-proxy sees it (a Service port and its ready endpoints).
+#[derive(Clone, Debug)]
+pub struct ServicePort {
+    pub namespace: String,
+    pub service: String,
+    pub port_name: String,
+    /// "tcp" or "udp", as kube-proxy writes it in chain names and matches.
+    pub protocol: &'static str,
+    pub cluster_ip: Ipv4Addr,
+    pub port: u16,
+    pub target_port: u16,
+    pub endpoints: Vec<Ipv4Addr>,
 }
 
-fn svc_chain(i: usize) -> String {
+impl ServicePort {
+    /// Service `i` of the synthetic cluster (`synth`).
+    pub fn synthetic(i: usize, endpoints: usize) -> Self {
+        Self {
+            namespace: synth::NAMESPACE.into(),
+            service: synth::service_name(i),
+            port_name: "http".into(),
+            protocol: "tcp",
+            cluster_ip: synth::cluster_ip(i),
+            port: synth::SERVICE_PORT,
+            target_port: synth::TARGET_PORT,
+            endpoints: (0..endpoints)
+                .map(|j| synth::endpoint_ip(i, j, endpoints))
+                .collect(),
+        }
+    }
+
+    /// svcPortName: `ns/name:port`.
+    fn name(&self) -> String {
+        format!("{}/{}:{}", self.namespace, self.service, self.port_name)
+    }
+}
+
+fn synthetic(n: usize, endpoints: usize) -> Vec<ServicePort> {
+    (0..n)
+        .map(|i| ServicePort::synthetic(i, endpoints))
+        .collect()
+}
+
+fn svc_chain(sp: &ServicePort) -> String {
     format!(
         "KUBE-SVC-{}",
-        &base32_sha256(&format!("{}tcp", port_name(i)))[..16]
+        &base32_sha256(&format!("{}{}", sp.name(), sp.protocol))[..16]
     )
 }
 
-fn sep_chain(i: usize, endpoint: &str) -> String {
+fn sep_chain(sp: &ServicePort, endpoint: &str) -> String {
     format!(
         "KUBE-SEP-{}",
-        &base32_sha256(&format!("{}tcp{endpoint}", port_name(i)))[..16]
+        &base32_sha256(&format!("{}{}{endpoint}", sp.name(), sp.protocol))[..16]
     )
 }
 
@@ -135,7 +174,12 @@ pub fn iptables_jumps() -> String {
 /// The input of kube-proxy's first `iptables-restore --noflush --counters` for `n` services
 /// of `endpoints` endpoints.
 pub fn iptables_sync(n: usize, endpoints: usize) -> String {
-    let large = n * endpoints > LARGE_CLUSTER_ENDPOINTS;
+    iptables_rules(&synthetic(n, endpoints))
+}
+
+/// The same for any service ports.
+pub fn iptables_rules(ports: &[ServicePort]) -> String {
+    let large = ports.iter().map(|p| p.endpoints.len()).sum::<usize>() > LARGE_CLUSTER_ENDPOINTS;
     let cidr = synth::CLUSTER_CIDR;
     let mut nat_chains = String::new();
     let mut nat_rules = String::new();
@@ -154,13 +198,12 @@ pub fn iptables_sync(n: usize, endpoints: usize) -> String {
          -A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully\n\
          -A KUBE-MARK-MASQ -j MARK --or-mark {MASQ_MARK}"
     );
-    for i in 0..n {
-        let name = port_name(i);
-        let ip = synth::cluster_ip(i);
-        let port = synth::SERVICE_PORT;
-        let svc = svc_chain(i);
+    for sp in ports {
+        let name = sp.name();
+        let (ip, port, proto) = (sp.cluster_ip, sp.port, sp.protocol);
+        let svc = svc_chain(sp);
         let match_ip = format!(
-            "-m comment --comment \"{name} cluster IP\" -m tcp -p tcp -d {ip} --dport {port}"
+            "-m comment --comment \"{name} cluster IP\" -m {proto} -p {proto} -d {ip} --dport {port}"
         );
         let _ = writeln!(nat_rules, "-A KUBE-SERVICES {match_ip} -j {svc}");
         let _ = writeln!(
@@ -168,14 +211,11 @@ pub fn iptables_sync(n: usize, endpoints: usize) -> String {
             "-A {svc} {match_ip} ! -s {cidr} -j KUBE-MARK-MASQ"
         );
         let _ = writeln!(nat_chains, ":{svc} - [0:0]");
-        let eps: Vec<String> = (0..endpoints)
-            .map(|j| {
-                format!(
-                    "{}:{}",
-                    synth::endpoint_ip(i, j, endpoints),
-                    synth::TARGET_PORT
-                )
-            })
+        let endpoints = sp.endpoints.len();
+        let eps: Vec<String> = sp
+            .endpoints
+            .iter()
+            .map(|ip| format!("{ip}:{}", sp.target_port))
             .collect();
         for (j, ep) in eps.iter().enumerate() {
             let _ = write!(nat_rules, "-A {svc} ");
@@ -189,21 +229,20 @@ pub fn iptables_sync(n: usize, endpoints: usize) -> String {
                     1.0 / (endpoints - j) as f64
                 );
             }
-            let _ = writeln!(nat_rules, "-j {}", sep_chain(i, ep));
+            let _ = writeln!(nat_rules, "-j {}", sep_chain(sp, ep));
         }
-        for (j, ep) in eps.iter().enumerate() {
-            let sep = sep_chain(i, ep);
+        for (ep, ep_ip) in eps.iter().zip(&sp.endpoints) {
+            let sep = sep_chain(sp, ep);
             let _ = writeln!(nat_chains, ":{sep} - [0:0]");
             let comment = if large {
                 String::new()
             } else {
                 format!("-m comment --comment {name} ")
             };
-            let ep_ip = synth::endpoint_ip(i, j, endpoints);
             let _ = writeln!(
                 nat_rules,
                 "-A {sep} {comment}-s {ep_ip} -j KUBE-MARK-MASQ\n\
-                 -A {sep} {comment}-m tcp -p tcp -j DNAT --to-destination {ep}"
+                 -A {sep} {comment}-m {proto} -p {proto} -j DNAT --to-destination {ep}"
             );
         }
     }
@@ -239,8 +278,11 @@ pub fn iptables_sync(n: usize, endpoints: usize) -> String {
 
 const T: &str = "ip kube-proxy";
 
-fn nft_chain_base(i: usize) -> String {
-    format!("{}/{}/tcp/http", synth::NAMESPACE, synth::service_name(i))
+fn nft_chain_base(sp: &ServicePort) -> String {
+    format!(
+        "{}/{}/{}/{}",
+        sp.namespace, sp.service, sp.protocol, sp.port_name
+    )
 }
 
 /// kube-proxy's hashAndTruncate: the first 8 base32 characters of the name's SHA-256, a
@@ -251,6 +293,11 @@ fn hash_and_truncate(name: &str) -> String {
 
 /// The transaction kube-proxy's first nftables sync feeds to `nft -f -`.
 pub fn nft_sync(n: usize, endpoints: usize) -> String {
+    nft_rules(&synthetic(n, endpoints))
+}
+
+/// The same for any service ports.
+pub fn nft_rules(ports: &[ServicePort]) -> String {
     let mut s = String::new();
     let mut add = |line: &str| {
         s.push_str(line);
@@ -351,16 +398,17 @@ flush map {T} service-nodeports"
     );
     add(&fixed);
     let cidr = synth::CLUSTER_CIDR;
-    for i in 0..n {
-        let base = nft_chain_base(i);
-        let ip = synth::cluster_ip(i);
-        let port = synth::SERVICE_PORT;
-        let eps: Vec<(String, String)> = (0..endpoints)
-            .map(|j| {
-                let ep_ip = synth::endpoint_ip(i, j, endpoints);
+    for sp in ports {
+        let base = nft_chain_base(sp);
+        let (ip, port, proto) = (sp.cluster_ip, sp.port, sp.protocol);
+        let endpoints = sp.endpoints.len();
+        let eps: Vec<(String, String)> = sp
+            .endpoints
+            .iter()
+            .map(|ep_ip| {
                 let chain = format!(
                     "endpoint-{}",
-                    hash_and_truncate(&format!("{base}__{ep_ip}/{}", synth::TARGET_PORT))
+                    hash_and_truncate(&format!("{base}__{ep_ip}/{}", sp.target_port))
                 );
                 (ep_ip.to_string(), chain)
             })
@@ -372,10 +420,10 @@ flush map {T} service-nodeports"
         ensure(&mut add, &svc);
         add(&format!("add element {T} cluster-ips {{ {ip} }}"));
         add(&format!(
-            "add element {T} service-ips {{ {ip} . tcp . {port} : goto {svc} }}"
+            "add element {T} service-ips {{ {ip} . {proto} . {port} : goto {svc} }}"
         ));
         add(&format!(
-            "add rule {T} {svc} ip daddr {ip} tcp dport {port} ip saddr != {cidr} jump mark-for-masquerade"
+            "add rule {T} {svc} ip daddr {ip} {proto} dport {port} ip saddr != {cidr} jump mark-for-masquerade"
         ));
         let vmap: Vec<String> = eps
             .iter()
@@ -391,8 +439,8 @@ flush map {T} service-nodeports"
                 "add rule {T} {chain} ip saddr {ep_ip} jump mark-for-masquerade"
             ));
             add(&format!(
-                "add rule {T} {chain} meta l4proto tcp dnat to {ep_ip}:{}",
-                synth::TARGET_PORT
+                "add rule {T} {chain} meta l4proto {proto} dnat to {ep_ip}:{}",
+                sp.target_port
             ));
         }
     }
@@ -531,7 +579,7 @@ mod tests {
     #[test]
     fn iptables_layout_has_one_ladder_per_service() {
         let text = iptables_sync(3, 4);
-        let svc = svc_chain(1);
+        let svc = svc_chain(&ServicePort::synthetic(1, 4));
         assert_eq!(text.matches(&format!(":{svc} - [0:0]")).count(), 1);
         let ladder: Vec<&str> = text
             .lines()

@@ -4,22 +4,29 @@
 //! Part 1 (`per_packet`): the datapath's cost per packet through BPF_PROG_TEST_RUN, against
 //! the parse-only floor program, with 1 to 100 000 services. Part 3 (`control`): programming
 //! from cold (xlb against kube-proxy's iptables and nftables layouts loaded by the real tools),
-//! the latency of an endpoint change with 50 000 services loaded, and memory. Part 2 (traffic
-//! through the VIP) and restart cost are not measured yet; the report says so.
+//! the latency of an endpoint change with 50 000 services loaded, and memory. Part 2
+//! (`traffic`): netperf-style tests through the VIP in the netns cluster (`cluster`) with the
+//! built-in load generator (`loadgen`), xlb against kube-proxy's layouts and the no-proxy
+//! limit. Part 4 (`restart`): the agent SIGKILLed and restarted under load.
 //!
 //! Owns: the measurements, their raw results (`BenchResults`, serialisable for `-o json`) and
 //! the report (`report`, with SVG plots from `svg`).
 //! Must not: write BPF maps except through `datapath::MapWriter`, or touch anything it did
 //! not create (see `sys`: everything it creates is named after its pid and removed on drop).
+pub mod cluster;
 pub mod control;
 pub mod kube_proxy;
+pub mod loadgen;
 pub mod packets;
 pub mod per_packet;
 pub mod report;
+mod report_traffic;
+pub mod restart;
 pub mod stats;
 mod svg;
 pub mod synth;
 pub mod sys;
+pub mod traffic;
 
 use std::{
     path::PathBuf,
@@ -38,6 +45,8 @@ use control::{
     System,
 };
 use per_packet::{PerPacketConfig, PerPacketResults};
+use restart::{RestartConfig, RestartResults};
+use traffic::{TrafficConfig, TrafficResults};
 
 /// Endpoints per synthetic service throughout.
 pub const ENDPOINTS: usize = 10;
@@ -69,6 +78,10 @@ pub struct BenchConfig {
     pub per_packet: Option<PerPacketConfig>,
     pub cold: Option<ColdConfig>,
     pub latency: Option<LatencyConfig>,
+    /// Part 2; needs the `xlb` binary (filled in from `xlb` by `run`).
+    pub traffic: Option<TrafficConfig>,
+    /// Part 4; likewise.
+    pub restart: Option<RestartConfig>,
     /// Services the real agent is started with for the memory figures.
     pub agent_services: usize,
     pub agent_timeout_s: f64,
@@ -85,6 +98,35 @@ fn plan(entries: &[(System, usize, usize)]) -> Vec<ColdPlan> {
             rounds,
         })
         .collect()
+}
+
+fn traffic_config(
+    sizes: Vec<usize>,
+    background_endpoints: usize,
+    rounds: usize,
+    rr_s: f64,
+    stream_s: f64,
+) -> TrafficConfig {
+    TrafficConfig {
+        sizes,
+        background_endpoints,
+        rounds,
+        rr_s,
+        stream_s,
+        no_service_crr: true,
+        xlb: None,
+    }
+}
+
+fn restart_config(services: usize, settle_s: f64) -> RestartConfig {
+    RestartConfig {
+        services,
+        cycles: 3,
+        connections: 4,
+        down_s: settle_s,
+        settle_s,
+        xlb: None,
+    }
 }
 
 impl BenchConfig {
@@ -122,6 +164,8 @@ impl BenchConfig {
                 endpoints: ENDPOINTS,
                 changes: 500,
             }),
+            traffic: Some(traffic_config(vec![1, 10_000], ENDPOINTS, 5, 10.0, 5.0)),
+            restart: Some(restart_config(10_000, 1.0)),
             agent_services: 50_000,
             agent_timeout_s: 600.0,
             xlb: None,
@@ -159,6 +203,8 @@ impl BenchConfig {
                 endpoints: ENDPOINTS,
                 changes: 200,
             }),
+            traffic: Some(traffic_config(vec![1, 10_000], 1, 3, 0.8, 0.5)),
+            restart: Some(restart_config(10_000, 0.3)),
             agent_services: 50_000,
             agent_timeout_s: 300.0,
             xlb: None,
@@ -189,6 +235,11 @@ impl BenchConfig {
                 endpoints: ENDPOINTS,
                 changes: 20,
             }),
+            traffic: Some(traffic_config(vec![1, 10], ENDPOINTS, 1, 0.3, 0.2)),
+            restart: Some(RestartConfig {
+                cycles: 1,
+                ..restart_config(10, 0.2)
+            }),
             agent_services: 10,
             agent_timeout_s: 60.0,
             xlb: None,
@@ -206,6 +257,8 @@ pub struct BenchResults {
     pub cold: Option<ColdResults>,
     pub latency: Option<LatencyResults>,
     pub agent: Option<AgentResults>,
+    pub traffic: Option<TrafficResults>,
+    pub restart: Option<RestartResults>,
     /// Steps skipped, and why.
     pub notes: Vec<String>,
 }
@@ -288,6 +341,36 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchResults> {
             None
         }
     };
+    sys::check_interrupt()?;
+    let traffic = match (&cfg.traffic, &cfg.xlb) {
+        (Some(c), Some(xlb)) => {
+            say("part 2: traffic through the VIP (limit, xlb XDP, xlb TC, iptables, nftables)");
+            Some(traffic::run(&TrafficConfig {
+                xlb: Some(xlb.clone()),
+                ..c.clone()
+            })?)
+        }
+        (Some(_), None) => {
+            notes.push("traffic through the VIP not measured: no `xlb` binary".into());
+            None
+        }
+        (None, _) => None,
+    };
+    sys::check_interrupt()?;
+    let restart = match (&cfg.restart, &cfg.xlb) {
+        (Some(c), Some(xlb)) => {
+            say("part 4: agents killed (SIGKILL) and restarted under load");
+            Some(restart::run(&RestartConfig {
+                xlb: Some(xlb.clone()),
+                ..c.clone()
+            })?)
+        }
+        (Some(_), None) => {
+            notes.push("restart cost not measured: no `xlb` binary".into());
+            None
+        }
+        (None, _) => None,
+    };
     let duration_s = started.elapsed().as_secs_f64();
     say(format!("done in {duration_s:.0} s"));
     Ok(BenchResults {
@@ -298,6 +381,8 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchResults> {
         cold,
         latency,
         agent,
+        traffic,
+        restart,
         notes,
     })
 }

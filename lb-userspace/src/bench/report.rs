@@ -11,13 +11,14 @@ use serde::Serialize;
 use super::{
     control::{ColdRow, System},
     per_packet::{Kind, PerPacketResults, Program},
+    report_traffic,
     stats::Summary,
     svg::{self, Chart, Point, Series},
     BenchResults, Mode,
 };
 
 /// Headings every report has (the test checks them).
-pub const SECTIONS: [&str; 9] = [
+pub const SECTIONS: [&str; 10] = [
     "## Goals",
     "## 1. Datapath cost per packet",
     "### XDP",
@@ -27,6 +28,7 @@ pub const SECTIONS: [&str; 9] = [
     "### Programming from cold",
     "### Endpoint change to datapath",
     "### Memory",
+    "## 4. Restart cost",
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -165,20 +167,7 @@ pub fn goals(r: &BenchResults) -> Vec<Goal> {
         },
         None => not_measured(goal, target),
     });
-    goals.push(Goal {
-        goal: "traffic through the VIP (netperf-style TCP_RR, TCP_CRR, TCP_STREAM) vs direct \
-               and vs kube-proxy"
-            .into(),
-        target: "close to direct; not below kube-proxy".into(),
-        measured: "not measured yet".into(),
-        verdict: Verdict::Todo,
-    });
-    goals.push(Goal {
-        goal: "restart cost: agent restart with many services loaded".into(),
-        target: "no lost connections; time to adopt".into(),
-        measured: "not measured yet".into(),
-        verdict: Verdict::Todo,
-    });
+    goals.extend(report_traffic::goals(r));
     goals
 }
 
@@ -284,7 +273,7 @@ fn mib_bytes(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / 1024.0 / 1024.0)
 }
 
-fn range(s: &Summary, f: impl Fn(f64) -> String) -> String {
+pub(crate) fn range(s: &Summary, f: impl Fn(f64) -> String) -> String {
     if s.n == 1 {
         format!("{} (1 run)", f(s.median))
     } else {
@@ -292,7 +281,7 @@ fn range(s: &Summary, f: impl Fn(f64) -> String) -> String {
     }
 }
 
-fn ratio_range(s: &Summary) -> String {
+pub(crate) fn ratio_range(s: &Summary) -> String {
     if s.n == 1 {
         format!("{:.2}×", s.median)
     } else {
@@ -386,6 +375,7 @@ fn plots(r: &BenchResults, stem: &str) -> Vec<(String, String)> {
         };
         out.push((format!("{stem}-cold-program.svg"), svg::render(&chart)));
     }
+    out.extend(report_traffic::plots(r, stem));
     out
 }
 
@@ -484,22 +474,9 @@ pub fn markdown_report(r: &BenchResults, plots: &[&str]) -> String {
     o.push('\n');
 
     per_packet_section(&mut o, r, plots);
-    let _ = writeln!(o, "## 2. Traffic through a service VIP\n");
-    let _ = writeln!(
-        o,
-        "TODO (not measured yet): netperf-style TCP_RR, TCP_CRR and TCP_STREAM through a \
-         ClusterIP on the netns testbed, xlb against direct pod-to-pod traffic and against \
-         kube-proxy's iptables and nftables rules with 1, 1 000 and 10 000 services loaded.\n"
-    );
-    let _ = writeln!(
-        o,
-        "| test | direct | xlb | kube-proxy iptables | kube-proxy nftables |\n|---|---|---|---|---|"
-    );
-    for test in ["TCP_RR", "TCP_CRR", "TCP_STREAM"] {
-        let _ = writeln!(o, "| {test} | TODO | TODO | TODO | TODO |");
-    }
-    o.push('\n');
+    report_traffic::traffic_section(&mut o, r, plots);
     control_section(&mut o, r, plots);
+    report_traffic::restart_section(&mut o, r);
     falls_short_section(&mut o, r, &goals);
     method_section(&mut o, r);
     o
@@ -901,8 +878,8 @@ fn control_section(o: &mut String, r: &BenchResults, plots: &[&str]) {
     }
     let _ = writeln!(
         o,
-        "### Restart cost\n\nTODO (not measured yet): time for a restarted agent to adopt \
-         the pinned maps with 50 000 services, and connections lost across the restart.\n"
+        "A restarted agent's time to adopt the pinned maps, and what traffic loses meanwhile, \
+         are in part 4.\n"
     );
 }
 
@@ -1032,14 +1009,19 @@ fn falls_short_section(o: &mut String, r: &BenchResults, goals: &[Goal]) {
             );
         }
     }
+    if report_traffic::falls_short(o, r) {
+        any = true;
+        o.push('\n');
+    }
     if !any {
         let _ = writeln!(o, "Nothing measured in this run misses its goal.\n");
     }
-    let _ = writeln!(
-        o,
-        "Not measured yet, so not claimed: traffic through the VIP (part 2) and restart \
-         cost.\n"
-    );
+    if r.traffic.is_some() {
+        let _ = writeln!(
+            o,
+            "Not measured, so not claimed: NodePort traffic from the external host (part 2).\n"
+        );
+    }
 }
 
 fn why_packet(kind: Kind, p: &PerPacketResults, noise: bool) -> String {

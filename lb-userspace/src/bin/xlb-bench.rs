@@ -1,7 +1,7 @@
 //! `xlb-bench`: the benchmarks of docs/benchmarks.md (what `cargo xtask bench` runs).
 //!
 //! ```text
-//! xlb-bench [--quick] [--out docs/benchmarks.md] [-o summary|markdown|json] [--xlb PATH]
+//! xlb-bench [--quick] [--part N]... [--out docs/benchmarks.md] [-o summary|markdown|json] [--xlb PATH]
 //! ```
 //! Progress goes to stderr; stdout gets the goals (`summary`), the whole report
 //! (`markdown`) or the raw results (`json`). Needs root.
@@ -24,8 +24,9 @@ enum Output {
 #[derive(Parser)]
 #[command(
     name = "xlb-bench",
-    about = "xlb benchmarks: datapath cost per packet, programming from cold against \
-             kube-proxy's iptables and nftables rules, endpoint-change latency, memory (root)"
+    about = "xlb benchmarks: datapath cost per packet, traffic through the VIP and programming \
+             from cold against kube-proxy's iptables and nftables rules, endpoint-change \
+             latency, memory, restart cost (root)"
 )]
 struct Cli {
     /// Fewer rounds and smaller kube-proxy baselines: under 10 minutes.
@@ -40,9 +41,14 @@ struct Cli {
     /// What to print on stdout.
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Summary)]
     output: Output,
-    /// The `xlb` binary for the agent memory measurement (default: next to xlb-bench).
+    /// The `xlb` binary for the agent, traffic and restart measurements (default: next to
+    /// xlb-bench).
     #[arg(long, value_name = "PATH")]
     xlb: Option<PathBuf>,
+    /// Run only these parts (1 per packet, 2 traffic through the VIP, 3 control plane,
+    /// 4 restart); repeatable. Default: all.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=4))]
+    part: Vec<u8>,
 }
 
 fn main() -> Result<()> {
@@ -55,6 +61,23 @@ fn main() -> Result<()> {
         BenchConfig::full()
     };
     config.xlb = cli.xlb.or_else(bench::control::sibling_xlb);
+    if !cli.part.is_empty() {
+        let keep = |n: u8| cli.part.contains(&n);
+        if !keep(1) {
+            config.per_packet = None;
+        }
+        if !keep(2) {
+            config.traffic = None;
+        }
+        if !keep(3) {
+            config.cold = None;
+            config.latency = None;
+            config.agent_services = 0;
+        }
+        if !keep(4) {
+            config.restart = None;
+        }
+    }
     bench::sys::install_interrupt_handler();
     let results = bench::run(&config)?;
     if let Some(out) = &cli.out {

@@ -1,0 +1,241 @@
+//! Part 2: traffic through the VIP. netperf-style TCP_RR, TCP_CRR, TCP_STREAM and UDP_RR
+//! from a client pod on node1 to the ClusterIP of a service whose one endpoint is a pod on
+//! node2, for every system of `cluster::Proxy`, against the same tests sent straight to the
+//! pod IP with nothing loaded (the limit). At each size all five clusters run side by side
+//! and every round runs each test on each system in turn (A B C D E, A B C D E, ...), so a
+//! ratio to the limit is computed within a round. At the largest size, also TCP_CRR straight
+//! to the pod IP on every loaded system: the new-connection cost for traffic that is not to
+//! a service.
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+use super::{
+    cluster::{BenchCluster, Proxy},
+    loadgen::{self, Test},
+    say,
+    stats::Summary,
+    sys::check_interrupt,
+};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TrafficConfig {
+    /// Services loaded (the traffic service plus synthetic background ones).
+    pub sizes: Vec<usize>,
+    pub rounds: usize,
+    /// Endpoints of each background service: 10 in full runs; fewer in quick runs, where
+    /// nft would otherwise take minutes to load 10 000 services on each node. No packet of
+    /// the tests meets them: on every system a background service costs a new flow the same
+    /// (a rule to walk past, a map entry) whatever its endpoints.
+    pub background_endpoints: usize,
+    /// Seconds per TCP_RR and TCP_CRR run.
+    pub rr_s: f64,
+    /// Seconds per TCP_STREAM and UDP_RR run.
+    pub stream_s: f64,
+    /// TCP_CRR to the pod IP on every loaded system at the largest size.
+    pub no_service_crr: bool,
+    pub xlb: Option<PathBuf>,
+}
+
+/// Where the client sends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Target {
+    /// The ClusterIP (the pod IP for the limit).
+    Service,
+    /// The pod IP, with the system loaded: traffic that is not to a service.
+    PodIp,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TrafficRow {
+    pub proxy: Proxy,
+    pub services: usize,
+    pub test: Test,
+    pub target: Target,
+    /// One per round: trans/s, or Gbit/s for TCP_STREAM.
+    pub rates: Vec<f64>,
+    /// Failed transactions per round (lost UDP requests, failed connections).
+    pub errors: Vec<u64>,
+    /// rate / the limit's rate of the same test in the same round.
+    pub ratios: Vec<f64>,
+    pub rate: Option<Summary>,
+    pub ratio: Option<Summary>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TrafficResults {
+    pub config: TrafficConfig,
+    /// Which load generator ran the tests.
+    pub generator: String,
+    /// `iptables-legacy-restore --version` (or `iptables-restore`): the loader and backend
+    /// of the iptables layout.
+    pub iptables_version: String,
+    pub rows: Vec<TrafficRow>,
+}
+
+impl TrafficResults {
+    pub fn row(
+        &self,
+        proxy: Proxy,
+        services: usize,
+        test: Test,
+        target: Target,
+    ) -> Option<&TrafficRow> {
+        self.rows.iter().find(|r| {
+            r.proxy == proxy && r.services == services && r.test == test && r.target == target
+        })
+    }
+
+    pub fn largest(&self) -> usize {
+        self.config.sizes.iter().copied().max().unwrap_or(0)
+    }
+}
+
+pub const GENERATOR: &str = "built-in (lb-userspace/src/bench/loadgen.rs: netperf's test semantics on std::net sockets; netperf is not installed)";
+
+pub fn run(cfg: &TrafficConfig) -> Result<TrafficResults> {
+    let generator = if super::sys::tool_exists("netperf") {
+        // netperf's control connection would need the same backend as the data one; the
+        // built-in generator has no such connection, and is used either way for one method.
+        "built-in (lb-userspace/src/bench/loadgen.rs, netperf's test semantics; netperf is \
+         installed but not used, for one method across systems)"
+            .to_string()
+    } else {
+        GENERATOR.to_string()
+    };
+    let iptables_version = std::process::Command::new(super::cluster::iptables_restore())
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|e| format!("unknown ({e})"));
+    let mut rows = Vec::new();
+    let largest = cfg.sizes.iter().copied().max().unwrap_or(0);
+    for &n in &cfg.sizes {
+        check_interrupt()?;
+        say(format!("part 2: clusters with {n} services"));
+        let mut clusters = Vec::new();
+        for proxy in Proxy::ALL {
+            clusters.push(BenchCluster::start(
+                proxy,
+                n,
+                cfg.background_endpoints,
+                cfg.xlb.as_deref(),
+            )?);
+        }
+        let mut plan: Vec<(Test, Target)> =
+            Test::ALL.iter().map(|t| (*t, Target::Service)).collect();
+        if cfg.no_service_crr && n == largest {
+            plan.push((Test::TcpCrr, Target::PodIp));
+        }
+        let start = rows.len();
+        for &(test, target) in &plan {
+            for proxy in Proxy::ALL {
+                if target == Target::PodIp && proxy == Proxy::Limit {
+                    continue;
+                }
+                rows.push(TrafficRow {
+                    proxy,
+                    services: n,
+                    test,
+                    target,
+                    rates: Vec::new(),
+                    errors: Vec::new(),
+                    ratios: Vec::new(),
+                    rate: None,
+                    ratio: None,
+                });
+            }
+        }
+        for round in 1..=cfg.rounds {
+            say(format!(
+                "part 2: {n} services, round {round}/{}",
+                cfg.rounds
+            ));
+            for &(test, target) in &plan {
+                let seconds = match test {
+                    Test::TcpRr | Test::TcpCrr => cfg.rr_s,
+                    Test::TcpStream | Test::UdpRr => cfg.stream_s,
+                };
+                let mut limit = f64::NAN;
+                for c in &clusters {
+                    if target == Target::PodIp && c.proxy == Proxy::Limit {
+                        continue;
+                    }
+                    check_interrupt()?;
+                    if test == Test::TcpCrr {
+                        c.flush_conntrack()?;
+                    }
+                    let to = match target {
+                        Target::Service => c.service_target(),
+                        Target::PodIp => c.no_service_target(),
+                    };
+                    let out = loadgen::run(
+                        &c.client_netns(),
+                        test,
+                        to,
+                        Duration::from_secs_f64(seconds),
+                    )
+                    .with_context(|| {
+                        format!("{} {} with {n} services", c.proxy.short(), test.label())
+                    })?;
+                    let rate = out.rate(test);
+                    if c.proxy == Proxy::Limit {
+                        limit = rate;
+                    }
+                    let row = rows[start..]
+                        .iter_mut()
+                        .find(|r| r.proxy == c.proxy && r.test == test && r.target == target)
+                        .expect("planned row");
+                    row.rates.push(rate);
+                    row.errors.push(out.errors);
+                    if target == Target::Service {
+                        row.ratios.push(rate / limit);
+                    }
+                }
+                // Traffic not to a service compares with the limit's (direct) run of the
+                // same test in this round.
+                if target == Target::PodIp {
+                    let limit = rows[start..]
+                        .iter()
+                        .find(|r| {
+                            r.proxy == Proxy::Limit && r.test == test && r.target == Target::Service
+                        })
+                        .and_then(|r| r.rates.last().copied())
+                        .unwrap_or(f64::NAN);
+                    for row in rows[start..]
+                        .iter_mut()
+                        .filter(|r| r.test == test && r.target == target)
+                    {
+                        let rate = *row.rates.last().expect("just measured");
+                        row.ratios.push(rate / limit);
+                    }
+                }
+            }
+        }
+        for row in &mut rows[start..] {
+            row.rate = Summary::of(&row.rates);
+            row.ratio = Summary::of(&row.ratios);
+            if let Some(s) = row.rate {
+                say(format!(
+                    "  {:<9} {:<10} {:?} {}: {:.0} {} ({:.2}× the limit)",
+                    row.proxy.short(),
+                    row.test.label(),
+                    row.target,
+                    n,
+                    s.median,
+                    row.test.unit(),
+                    row.ratio.map_or(f64::NAN, |r| r.median)
+                ));
+            }
+        }
+        drop(clusters);
+    }
+    Ok(TrafficResults {
+        config: cfg.clone(),
+        generator,
+        iptables_version,
+        rows,
+    })
+}
