@@ -580,7 +580,7 @@ pub struct AgentResults {
     pub map_bytes: u64,
 }
 
-/// Writes the services as one JSON List, starts `xlb run` in a namespace of our own (no
+/// Writes the services as JSON Lists, starts `xlb run` in a namespace of our own (no
 /// interface matches its `--pod-interface`, so it attaches nothing), waits for its ready file,
 /// then reads its memory and its maps' memory from /proc.
 pub fn agent(cfg: &AgentConfig) -> Result<AgentResults> {
@@ -594,12 +594,21 @@ pub fn agent(cfg: &AgentConfig) -> Result<AgentResults> {
     let cluster = synth::cluster(cfg.services, cfg.endpoints);
     let items = manifest_items(&cluster)?;
     drop(cluster);
-    let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items});
-    let text = serde_json::to_vec(&list)?;
-    drop(list);
-    std::fs::write(manifests.join("services.json"), &text)?;
-    let manifest_bytes = text.len();
-    drop(text);
+    // Files of 2 000 objects (about 2 MiB): the agent reads no manifest file over
+    // `MAX_MANIFEST_BYTES`, and kubectl-sized files are what an operator would have.
+    let mut manifest_bytes = 0;
+    for (i, chunk) in items.chunks(2000).enumerate() {
+        let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": chunk});
+        let text = serde_json::to_vec(&list)?;
+        ensure!(
+            text.len() as u64 <= crate::source::manifests::MAX_MANIFEST_BYTES,
+            "manifest chunk of {} bytes is over the agent's limit",
+            text.len()
+        );
+        manifest_bytes += text.len();
+        std::fs::write(manifests.join(format!("services-{i:04}.json")), &text)?;
+    }
+    drop(items);
 
     let netns = Netns::create()?;
     let pin = PinDir::new()?;
@@ -653,6 +662,17 @@ pub fn agent(cfg: &AgentConfig) -> Result<AgentResults> {
         std::thread::sleep(Duration::from_millis(20));
     }
     let ready_s = started.elapsed().as_secs_f64();
+    // Ready means the first state is applied: it must be all of it.
+    let programmed = reader::services(pin.path())?
+        .iter()
+        .filter(|row| row.port != 0)
+        .count();
+    ensure!(
+        programmed >= cfg.services,
+        "xlb run was ready with {programmed} service frontends, expected {}: {}",
+        cfg.services,
+        sys::tail(&log, 10)
+    );
     let pid = agent.0.id();
     let (rss_kib, hwm_kib) = sys::process_memory(Some(pid))?;
     let (maps, map_bytes) = process_maps(pid)?;
