@@ -974,6 +974,15 @@ mod tests {
         }
         let pin = PathBuf::from(format!("/sys/fs/bpf/xlb-test/{}-http", std::process::id()));
         let _ = std::fs::remove_dir_all(&pin);
+        /// Removes the pins on drop, also when the test panics (e.g. a load the verifier
+        /// rejects has pinned maps already).
+        struct Pins(PathBuf);
+        impl Drop for Pins {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+        let _pins = Pins(pin.clone());
         let datapath = crate::datapath::Datapath::load(&pin).expect("load datapath");
         let state = Arc::new(HealthState::new());
         let addr = start({
@@ -983,7 +992,6 @@ mod tests {
         .await;
         let (status, body) = get(addr, "/metrics").await;
         drop(datapath);
-        let _ = std::fs::remove_dir_all(&pin);
         assert_eq!(status, 200);
         let samples = parse_exposition(&body);
         assert_eq!(samples["xlb_datapath_maps_readable"], 1.0, "{body}");
