@@ -950,6 +950,8 @@ impl Testbed {
         if let Err(e) = cleanup::remove_dir(&self.pin_dir) {
             errors.push(e);
         }
+        // The shared parent goes with the last testbed (fails harmlessly while others live).
+        let _ = std::fs::remove_dir(cleanup::PIN_ROOT);
         if std::thread::panicking() {
             eprintln!(
                 "testbed {}: logs kept in {}",
