@@ -313,6 +313,21 @@ const fn fmix32(mut h: u32) -> u32 {
     h
 }
 
+/// The `i`th masquerade port try of a flow with hash `hash`, before reduction to the port
+/// range: each try an independent mix of the hash. (Tries at a fixed stride from one start
+/// overlapped between flows as in linear probing: a flow found its 8 ports taken while a
+/// fifth of the range was in use, and so did each of its retries — found by the fuzz test.)
+/// Shared by the datapath and the fuzz test's reference model.
+#[inline(always)]
+pub const fn snat_try(hash: u32, i: u32) -> u32 {
+    let mut h = hash ^ i.wrapping_mul(0x9e37_79b9);
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
 impl FlowKey {
     /// The 32-bit hash new flows are balanced by, mixing one field at a time. (Xor-folding
     /// the fields first let variations of the source address and port cancel each other:

@@ -12,8 +12,9 @@ use aya_ebpf::{
     maps::LruHashMap,
 };
 use lb_common::{
-    ct_state, stat, DatapathConfig, FlowKey, FlowNat, MemberKey, ServiceValue, BACKEND_F_LOCAL,
-    FLOW_F_ORIGINAL, FLOW_F_REPLY, FLOW_F_SNAT, IPPROTO_TCP, IPPROTO_UDP, SVC_F_EXTERNAL,
+    ct_state, snat_try, stat, DatapathConfig, FlowKey, FlowNat, MemberKey, ServiceValue,
+    BACKEND_F_LOCAL, FLOW_F_ORIGINAL, FLOW_F_REPLY, FLOW_F_SNAT, IPPROTO_TCP, IPPROTO_UDP,
+    SVC_F_EXTERNAL,
 };
 
 use crate::{
@@ -252,20 +253,6 @@ fn tracked_in_other_table(resumed: bool, key: &FlowKey) -> bool {
     } else {
         CONNTRACK.get_ptr(key).is_some()
     }
-}
-
-/// The `i`th masquerade port try of a flow, before reduction to the range: each try an
-/// independent mix of the flow's hash. (Tries at a fixed stride from one start overlapped
-/// between flows as in linear probing: a flow found its 8 ports taken while a fifth of the
-/// range was in use, and so did each of its retries — found by the fuzz test.)
-#[inline(always)]
-fn snat_try(hash: u32, i: u32) -> u32 {
-    let mut h = hash ^ i.wrapping_mul(0x9e37_79b9);
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^ (h >> 16)
 }
 
 /// Tracks a new flow to `backend` and returns the translation for its first packet. TCP

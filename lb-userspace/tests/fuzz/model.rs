@@ -16,7 +16,7 @@
 //! packet of the flow exactly.
 use std::collections::{HashMap, HashSet};
 
-use lb_common::{ct_state, stat, IPPROTO_TCP, IPPROTO_UDP};
+use lb_common::{ct_state, snat_try, stat, IPPROTO_TCP, IPPROTO_UDP};
 
 pub const IPPROTO_ICMP: u8 = 1;
 pub const TCP_FIN: u8 = 0x01;
@@ -795,15 +795,4 @@ pub fn key_of(p: &[u8]) -> Key {
         Parsed::L4(l4) => l4.key,
         _ => (0, 0, 0, 0, 0),
     }
-}
-
-/// The datapath's `i`th masquerade port try for a flow hash (docs/datapath.md: independent
-/// mixes of the flow's hash), reduced to the range by the caller.
-fn snat_try(hash: u32, i: u32) -> u32 {
-    let mut h = hash ^ i.wrapping_mul(0x9e37_79b9);
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^ (h >> 16)
 }
