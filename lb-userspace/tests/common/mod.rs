@@ -8,7 +8,7 @@
 use std::{net::Ipv4Addr, path::PathBuf};
 
 use aya::programs::{ProgramError, TestRun, TestRunOptions, TestRunResult};
-use lb_common::{stat, DatapathConfig, CFG_F_READY};
+use lb_common::stat;
 use xlb::{
     datapath::{reader, Datapath, MapWriter},
     model::DesiredState,
@@ -16,7 +16,7 @@ use xlb::{
 };
 
 /// The node address the fixture's datapath masquerades to.
-pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 11);
+pub const NODE_IP: Ipv4Addr = xlb::bench::synth::NODE_IP;
 
 pub struct Fixture {
     datapath: Option<Datapath>,
@@ -52,16 +52,8 @@ impl Fixture {
         });
         let mut writer = datapath.writer().expect("map writer");
         writer
-            .write_config(&DatapathConfig {
-                cluster_cidr_addr: u32::from(Ipv4Addr::new(10, 244, 0, 0)).to_be(),
-                cluster_cidr_mask: (u32::MAX << 16).to_be(),
-                snat_addr: u32::from(NODE_IP).to_be(),
-                snat_port_min: 61000,
-                snat_port_max: 65535,
-                flags: CFG_F_READY,
-                _reserved: 0,
-                netns_cookie: 0,
-            })
+            // The node the benchmarks model: 172.18.0.11 in cluster CIDR 10.244.0.0/16.
+            .write_config(&xlb::bench::synth::datapath_config())
             .expect("config");
         Some(Self {
             datapath: Some(datapath),
