@@ -19,7 +19,8 @@ use core::net::Ipv4Addr;
 /// The kernel keeps 15 characters of a map name, so keep these short.
 pub mod map_name {
     pub const SERVICES: &str = "XLB_SVC_V1";
-    pub const BACKEND_SETS: &str = "XLB_BSET_V1";
+    /// V2: `BackendSet.generation` shrank to `u16` to make room for the Maglev `table_size`.
+    pub const BACKEND_SETS: &str = "XLB_BSET_V2";
     pub const BACKENDS: &str = "XLB_BACKEND_V1";
     /// Tracked flows. V2: `FlowNat` carries a TCP state; TCP flows enter only once their
     /// handshake completed (embryonic ones live in `CONNTRACK_NEW`).

@@ -22,7 +22,7 @@ const ON_DEMAND: u32 = BPF_F_NO_PREALLOC;
 pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
     HashMap::pinned(capacity::SERVICES, ON_DEMAND);
 
-#[map(name = "XLB_BSET_V1")]
+#[map(name = "XLB_BSET_V2")]
 pub static BACKEND_SETS: HashMap<u32, BackendSet> =
     HashMap::pinned(capacity::BACKEND_SETS, ON_DEMAND);
 

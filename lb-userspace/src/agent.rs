@@ -115,10 +115,11 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         bail!("nothing to attach to: give --interface and/or --pod-interface");
     }
     let mut datapath = Datapath::load(&cfg.pin_path)?;
+    // Maps of an earlier layout: carry conntrack and backend sets over before the new
+    // programs take over, and before the writer adopts what is pinned.
+    let migration = Migration::start(&cfg.pin_path)?;
     let mut writer = datapath.writer()?;
     writer.set_default_table_size(cfg.maglev_table_size)?;
-    // Maps of an earlier layout: carry conntrack over before the new programs take over.
-    let migration = Migration::start(&cfg.pin_path)?;
     let node_ips = if cfg.node_ips.is_empty() {
         interface_addresses(&cfg.interfaces)?
     } else {

@@ -12,7 +12,7 @@ use common::Fixture;
 use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
 use lb_common::{ct_state, FlowKey, FLOW_F_REPLY, IPPROTO_TCP};
 use xlb::{
-    datapath::migrate::{FlowNatV1, Migration},
+    datapath::migrate::{BackendSetV1, FlowNatV1, Migration},
     model::{DesiredState, Frontend, FrontendKind},
 };
 
@@ -20,6 +20,7 @@ const XDP_PASS: u32 = 2;
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
 const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 2);
+const BACKEND2: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 3);
 
 /// Creates a map with bpf(BPF_MAP_CREATE) and pins it at `path` (BPF_OBJ_PIN).
 fn pinned_map(path: &Path, map_type: u32, key_size: u32, value_size: u32, max_entries: u32) {
@@ -147,16 +148,7 @@ fn conntrack_of_the_v1_layout_is_carried_over_and_retired_maps_are_unpinned() {
         return;
     };
     // The service still exists in the new agent's state.
-    let mut desired = DesiredState::default();
-    desired.backend_sets.insert(
-        "default/web:http/TCP".into(),
-        vec![lb_common::Backend::new(BACKEND, 8080, 0)],
-    );
-    desired.frontends.insert(
-        lb_common::ServiceKey::new(VIP, 80, IPPROTO_TCP),
-        Frontend::new("default/web:http/TCP", FrontendKind::ClusterIp, 0),
-    );
-    fx.apply(&desired);
+    fx.apply(&web_service());
 
     let migration = Migration::start(&fx.pin).expect("migration");
     assert!(!migration.is_empty());
@@ -206,4 +198,126 @@ fn nothing_to_migrate_is_a_no_op() {
     assert!(migration.is_empty());
     assert_eq!(migration.finish().unwrap(), 0);
     assert!(fx.pin.join(lb_common::map_name::CONNTRACK).exists());
+}
+
+/// What an agent of the `XLB_BSET_V1` layout (before Maglev tables) left pinned: the
+/// service VIP:80 -> BACKEND, BACKEND2 :8080 programmed, its set in the V1 layout, no Maglev map.
+/// Made by programming the current object, then turning its set map into the V1 one.
+fn agent_with_v1_sets(pin: &Path) {
+    const HASH: u32 = 1;
+    let sets: Vec<(u32, lb_common::BackendSet)> = {
+        let mut datapath = xlb::datapath::Datapath::load(pin).expect("load");
+        let mut writer = datapath.writer().expect("writer");
+        writer.apply(&web_service()).expect("apply");
+        let data = MapData::from_pin(pin.join(lb_common::map_name::BACKEND_SETS)).unwrap();
+        let sets: HashMap<MapData, u32, lb_common::BackendSet> =
+            Map::from_map_data(data).unwrap().try_into().unwrap();
+        sets.iter().map(|e| e.unwrap()).collect()
+    };
+    assert_eq!(sets.len(), 1, "{sets:?}");
+    std::fs::remove_file(pin.join(lb_common::map_name::BACKEND_SETS)).unwrap();
+    std::fs::remove_file(pin.join(lb_common::map_name::MAGLEV)).unwrap();
+    pinned_map(&pin.join("XLB_BSET_V1"), HASH, 4, 8, 1024);
+    let data = MapData::from_pin(pin.join("XLB_BSET_V1")).unwrap();
+    let mut old: HashMap<MapData, u32, BackendSetV1> =
+        Map::from_map_data(data).unwrap().try_into().unwrap();
+    for (id, set) in sets {
+        let v1 = BackendSetV1 {
+            count: set.count,
+            generation: u32::from(set.generation),
+        };
+        old.insert(id, v1, 0).unwrap();
+    }
+}
+
+fn web_service() -> DesiredState {
+    let mut desired = DesiredState::default();
+    desired.backend_sets.insert(
+        "default/web:http/TCP".into(),
+        vec![
+            lb_common::Backend::new(BACKEND, 8080, 0),
+            lb_common::Backend::new(BACKEND2, 8080, 0),
+        ],
+    );
+    desired.frontends.insert(
+        lb_common::ServiceKey::new(VIP, 80, IPPROTO_TCP),
+        Frontend::new("default/web:http/TCP", FrontendKind::ClusterIp, 0),
+    );
+    desired
+}
+
+fn web_backends() -> Vec<String> {
+    vec![format!("{BACKEND}:8080"), format!("{BACKEND2}:8080")]
+}
+
+/// A new flow's backend is one of the service's.
+fn assert_balanced(out: &[u8]) {
+    let to = destination(out);
+    assert!(to == (BACKEND, 8080) || to == (BACKEND2, 8080), "{to:?}");
+}
+
+fn tcp_syn(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
+    let mut v = Vec::new();
+    PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ipv4(src.octets(), dst.octets(), 64)
+        .tcp(sport, dport, 1000, 64240)
+        .syn()
+        .write(&mut v, &[])
+        .unwrap();
+    v
+}
+
+/// The destination a program sent a packet to (address, port).
+fn destination(out: &[u8]) -> (Ipv4Addr, u16) {
+    let sliced = SlicedPacket::from_ethernet(out).unwrap();
+    let Some(etherparse::NetSlice::Ipv4(ip)) = sliced.net else {
+        panic!("not IPv4")
+    };
+    let Some(TransportSlice::Tcp(tcp)) = sliced.transport else {
+        panic!("not TCP")
+    };
+    (ip.header().destination_addr(), tcp.destination_port())
+}
+
+#[test]
+fn backend_sets_of_the_v1_layout_are_carried_over_before_the_first_apply() {
+    let Some((mut fx, migration)) = Fixture::load_migrating(
+        "backend_sets_of_the_v1_layout_are_carried_over_before_the_first_apply",
+        agent_with_v1_sets,
+    ) else {
+        return;
+    };
+    assert_eq!(migration.copied, 1, "the one backend set");
+
+    // Before any apply, the new programs already balance the service with the carried-over
+    // set (no Maglev table yet: hash % count), and the writer adopted it.
+    let rows = xlb::datapath::reader::services(&fx.pin).unwrap();
+    let web = rows
+        .iter()
+        .find(|r| r.ip == VIP && r.port == 80)
+        .expect("VIP:80");
+    assert_eq!(web.backends, web_backends());
+    assert_eq!(web.maglev_table_size, 0);
+    let (verdict, out) = fx.run_xdp(&tcp_syn(CLIENT, 40001, VIP, 80));
+    assert_eq!(verdict, XDP_PASS);
+    assert_balanced(&out);
+
+    // The first apply is a diff against the adopted set: same backends, a Maglev table added.
+    let stats = fx.writer().apply(&web_service()).expect("apply");
+    let rows = xlb::datapath::reader::services(&fx.pin).unwrap();
+    let web = rows
+        .iter()
+        .find(|r| r.ip == VIP && r.port == 80)
+        .expect("VIP:80");
+    assert_eq!(web.backends, web_backends());
+    assert_ne!(web.maglev_table_size, 0, "table written: {stats:?}");
+    assert_eq!(stats.sets_created, 0, "the adopted set is kept: {stats:?}");
+    let (_, out) = fx.run_xdp(&tcp_syn(CLIENT, 40002, VIP, 80));
+    assert_balanced(&out);
+
+    migration.finish().expect("finish");
+    assert!(
+        !fx.pin.join("XLB_BSET_V1").exists(),
+        "XLB_BSET_V1 still pinned"
+    );
 }

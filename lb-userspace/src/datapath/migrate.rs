@@ -9,6 +9,9 @@
 //! - state that live connections depend on (conntrack) is **copied**, converted to the new
 //!   layout, before the new programs are swapped in, and once more afterwards for the entries
 //!   the old programs created meanwhile (never overwriting what the new programs wrote);
+//! - state the new programs read before the agent's first apply (backend sets) is **copied
+//!   once**, converted, before the new programs are swapped in: the agent adopts it and its
+//!   first apply brings it up to date;
 //! - state the agent rewrites anyway (config, services, sets) or that only costs a little
 //!   when lost (counters, node-process socket translations) is **dropped**.
 //!
@@ -19,7 +22,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, Map, MapData, MapError};
-use lb_common::{ct_state, map_name, FlowKey, FlowNat, IPPROTO_TCP};
+use lb_common::{ct_state, map_name, BackendSet, FlowKey, FlowNat, IPPROTO_TCP};
 use tracing::{info, warn};
 
 /// bpf(2) update flag: insert only if the key is absent.
@@ -66,17 +69,46 @@ impl FlowNatV1 {
     }
 }
 
+/// `XLB_BSET_V1`'s value: `BackendSet` before the Maglev table size took half of the
+/// generation field.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendSetV1 {
+    pub count: u32,
+    pub generation: u32,
+}
+
+// SAFETY: plain `repr(C)` data with no padding holes, like the lb-common types.
+unsafe impl aya::Pod for BackendSetV1 {}
+const _: () = assert!(std::mem::size_of::<BackendSetV1>() == 8);
+
+impl BackendSetV1 {
+    /// The V2 set: same backends and generation, no Maglev table yet (the V1 programs chose
+    /// `hash % count`, and so do the V2 programs for a set without a table). The agent's first
+    /// apply writes the table into the other generation and switches to it.
+    pub fn upgrade(&self) -> BackendSet {
+        BackendSet {
+            count: self.count,
+            generation: self.generation as u16,
+            table_size: 0,
+        }
+    }
+}
+
 /// What becomes of a retired map.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Fate {
     /// Conntrack V1 -> the established table of V2.
     CopyConntrackV1,
+    /// Backend sets V1 -> V2, once, before the agent adopts the maps.
+    CopyBackendSetsV1,
     Drop,
 }
 
 /// Every name an earlier layout pinned that this one no longer uses.
-const RETIRED: [(&str, Fate); 4] = [
+const RETIRED: [(&str, Fate); 5] = [
     ("XLB_CT_V1", Fate::CopyConntrackV1),
+    ("XLB_BSET_V1", Fate::CopyBackendSetsV1),
     ("XLB_STATS_V1", Fate::Drop),
     ("XLB_SOCK_V1", Fate::Drop),
     ("XLB_CONFIG_V1", Fate::Drop),
@@ -89,11 +121,14 @@ pub struct Migration {
     found: Vec<(&'static str, Fate)>,
     /// Entries carried over so far.
     pub copied: usize,
+    /// Whether the first copy ran (what is copied once is copied by it).
+    first_copy_done: bool,
 }
 
 impl Migration {
     /// Looks for retired maps under `pin_path` and copies what must survive into the new
-    /// maps (which the freshly loaded object has pinned there). Call before attaching.
+    /// maps (which the freshly loaded object has pinned there). Call before attaching, and
+    /// before the map writer adopts the maps (it must see the carried-over sets).
     pub fn start(pin_path: &Path) -> Result<Self> {
         let mut migration = Migration {
             pin_path: pin_path.to_path_buf(),
@@ -143,6 +178,14 @@ impl Migration {
         for (name, fate) in self.found.clone() {
             match fate {
                 Fate::Drop => {}
+                // Only before the agent adopted the maps: later, the agent owns the sets.
+                Fate::CopyBackendSetsV1 if self.first_copy_done => {}
+                Fate::CopyBackendSetsV1 => {
+                    self.copied += copy_backend_sets_v1(
+                        &self.pin_path.join(name),
+                        &self.pin_path.join(map_name::BACKEND_SETS),
+                    )?
+                }
                 Fate::CopyConntrackV1 => {
                     self.copied += copy_conntrack_v1(
                         &self.pin_path.join(name),
@@ -151,8 +194,25 @@ impl Migration {
                 }
             }
         }
+        self.first_copy_done = true;
         Ok(())
     }
+}
+
+/// Copies V1 backend sets that the V2 map does not have yet. Returns how many.
+fn copy_backend_sets_v1(old: &Path, new: &Path) -> Result<usize> {
+    let old: HashMap<MapData, u32, BackendSetV1> = open(old)?;
+    let mut new: HashMap<MapData, u32, BackendSet> = open(new)?;
+    let mut copied = 0;
+    for entry in old.iter() {
+        let (id, set) = entry.context("reading the retired backend-set map")?;
+        match new.insert(id, set.upgrade(), BPF_NOEXIST) {
+            Ok(()) => copied += 1,
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) => return Err(e).context("writing the backend-set map"),
+        }
+    }
+    Ok(copied)
 }
 
 /// Copies V1 conntrack entries that the V2 table does not have yet. Returns how many.
@@ -177,7 +237,7 @@ fn copy_conntrack_v1(old: &Path, new: &Path) -> Result<usize> {
     Ok(copied)
 }
 
-fn open<V: aya::Pod>(path: &Path) -> Result<HashMap<MapData, FlowKey, V>> {
+fn open<K: aya::Pod, V: aya::Pod>(path: &Path) -> Result<HashMap<MapData, K, V>> {
     let data = MapData::from_pin(path)
         .with_context(|| format!("opening pinned map {}", path.display()))?;
     Map::from_map_data(data)

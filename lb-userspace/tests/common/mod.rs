@@ -10,7 +10,7 @@ use std::{net::Ipv4Addr, path::PathBuf};
 use aya::programs::{ProgramError, TestRun, TestRunOptions, TestRunResult};
 use lb_common::stat;
 use xlb::{
-    datapath::{reader, Datapath, MapWriter},
+    datapath::{migrate::Migration, reader, Datapath, MapWriter},
     model::DesiredState,
     testbed::require_privileges,
 };
@@ -34,6 +34,24 @@ impl Fixture {
     /// Like [`load`](Self::load), with `before` run on the (empty, existing) pin directory
     /// first: to leave maps there as an earlier agent would have.
     pub fn load_over(test: &str, before: impl FnOnce(&std::path::Path)) -> Option<Self> {
+        Self::load_with(test, before, false).map(|(fixture, _)| fixture)
+    }
+
+    /// Like [`load_over`](Self::load_over), with a layout migration started between loading
+    /// the object and the writer adopting the maps, in the agent's order (`agent::run`).
+    pub fn load_migrating(
+        test: &str,
+        before: impl FnOnce(&std::path::Path),
+    ) -> Option<(Self, Migration)> {
+        Self::load_with(test, before, true)
+            .map(|(fixture, migration)| (fixture, migration.expect("migration started")))
+    }
+
+    fn load_with(
+        test: &str,
+        before: impl FnOnce(&std::path::Path),
+        migrate: bool,
+    ) -> Option<(Self, Option<Migration>)> {
         if !require_privileges(test) {
             return None;
         }
@@ -50,16 +68,25 @@ impl Fixture {
             let _ = std::fs::remove_dir_all(&pin);
             panic!("load datapath: {e:?}")
         });
+        let migration = migrate.then(|| {
+            Migration::start(&pin).unwrap_or_else(|e| {
+                let _ = std::fs::remove_dir_all(&pin);
+                panic!("start migration: {e:?}")
+            })
+        });
         let mut writer = datapath.writer().expect("map writer");
         writer
             // The node the benchmarks model: 172.18.0.11 in cluster CIDR 10.244.0.0/16.
             .write_config(&xlb::bench::synth::datapath_config())
             .expect("config");
-        Some(Self {
-            datapath: Some(datapath),
-            writer: Some(writer),
-            pin,
-        })
+        Some((
+            Self {
+                datapath: Some(datapath),
+                writer: Some(writer),
+                pin,
+            },
+            migration,
+        ))
     }
 
     pub fn apply(&mut self, desired: &DesiredState) {
