@@ -577,7 +577,9 @@ pub mod stat {
     /// is retried on its next packet).
     pub const CT_PROMOTE_FAILED: u32 = 23;
     /// Event: a SYN reused the 5-tuple of a closed or closing flow, which was forgotten so
-    /// the new connection is balanced afresh.
+    /// the new connection is balanced afresh; or a SYN to no frontend was the reverse of such
+    /// a flow's reply entry (the client reusing its port for a direct connection to the
+    /// backend), which was forgotten so the backend's answer is not translated.
     pub const CT_REOPENED: u32 = 24;
     /// Event: a TCP flow created by a packet without SYN, i.e. a connection whose entries
     /// were lost (evicted under pressure, expired, or older than the datapath). The visible

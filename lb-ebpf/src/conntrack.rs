@@ -3,7 +3,8 @@
 //!
 //! TCP flows start embryonic, in `CONNTRACK_NEW`, and move to `CONNTRACK` when the handshake
 //! completes (the backend answered, then the client sent a non-SYN packet): a flood of SYNs
-//! from random sources then evicts only other embryonic flows, never an established one. Each
+//! (or of lone ACKs, which create resumed flows) from random sources then evicts only other
+//! embryonic flows, never an established one. Each
 //! entry records the TCP state its direction has seen (`ct_state`); the agent's garbage
 //! collector expires flows by state (docs/datapath.md, "Conntrack lifecycle").
 use aya_ebpf::{
@@ -40,9 +41,9 @@ pub fn now() -> u64 {
 /// what the packet says about the flow's state. `None` also for a SYN that reopens the
 /// 5-tuple of a closed flow: that flow is forgotten and the SYN balanced afresh.
 ///
-/// Embryonic flows are looked up here only for packets that can be their replies (SYN-ACK,
-/// RST): the miss path of all other traffic (pod to pod, node) stays one lookup. Packets to a
-/// frontend find their embryonic flow through `embryonic` after the frontend look-up.
+/// Embryonic flows are looked up here only for SYN-ACKs and RSTs (replies that may come from
+/// a backend that is also a frontend's address). Packets to a frontend find their embryonic
+/// flow through `embryonic` after the frontend look-up, other TCP packets through `unclaimed`.
 #[inline(always)]
 pub fn lookup(packet: &Parsed) -> Option<FlowNat> {
     let flow = &packet.flow;
@@ -110,6 +111,72 @@ pub fn embryonic(packet: &Parsed) -> Option<FlowNat> {
         promote(flow, &nat, now);
     }
     Some(nat)
+}
+
+/// A TCP packet that no tracked established flow and no frontend claims: the reply of an
+/// embryonic or resumed flow (a backend's plain ACK or data to a resumed flow), looked up in
+/// `CONNTRACK_NEW`; or, for a client's SYN, the start of a direct connection whose 5-tuple is
+/// the reverse of a stale reply entry (`forget_stale_reply`). SYN-ACKs and RSTs were looked up
+/// by `lookup` already.
+#[inline(always)]
+pub fn unclaimed(packet: &Parsed) -> Option<FlowNat> {
+    let flags = packet.tcp_flags;
+    if packet.flow.proto != IPPROTO_TCP
+        || flags & TCP_RST != 0
+        || flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK
+    {
+        return None;
+    }
+    if flags & TCP_SYN != 0 {
+        forget_stale_reply(&packet.flow);
+        return None;
+    }
+    embryonic(packet)
+}
+
+/// A client's SYN (no ACK) to an address and port that is no frontend, whose reverse is the
+/// key of a reply entry: the client reuses the local port of a flow it had through a frontend
+/// for a direct connection to that flow's backend (Linux reuses a local port for another
+/// destination). Left in place, the entry would reverse-translate the backend's SYN-ACK (or
+/// RST) to the frontend's address, and the direct connection would never open. When the old
+/// flow is closing or closed, both its entries are forgotten (`ct_reopened`), in either
+/// table. A live old flow is left alone: a collision the datapath cannot resolve without
+/// translating direct traffic (docs/datapath.md, "Port reuse").
+#[inline(always)]
+pub fn forget_stale_reply(flow: &FlowKey) {
+    let reply_key = FlowKey {
+        saddr: flow.daddr,
+        daddr: flow.saddr,
+        sport: flow.dport,
+        dport: flow.sport,
+        proto: flow.proto,
+        _pad: [0; 3],
+    };
+    forget_if_stale_reply(&CONNTRACK, &reply_key);
+    forget_if_stale_reply(&CONNTRACK_NEW, &reply_key);
+}
+
+#[inline(always)]
+fn forget_if_stale_reply(table: &LruHashMap<FlowKey, FlowNat>, reply_key: &FlowKey) {
+    // SAFETY: copied out at once.
+    let Some(reply) = table.get_ptr(reply_key).map(|e| unsafe { *e }) else {
+        return;
+    };
+    if reply.flags & FLOW_F_REPLY == 0 {
+        return;
+    }
+    let original = reply.other_direction(reply_key.proto);
+    // SAFETY: copied out at once.
+    let original_state = table
+        .get_ptr(&original)
+        .map(|e| unsafe { (*e).state })
+        .unwrap_or(0);
+    if reply.state < ct_state::CLOSING && original_state < ct_state::CLOSING {
+        return;
+    }
+    let _ = table.remove(&original);
+    let _ = table.remove(reply_key);
+    count(stat::CT_REOPENED);
 }
 
 /// Moves the state forward for a TCP flag (never back): RST closes, FIN starts closing.
@@ -244,20 +311,9 @@ pub fn in_cluster(cfg: &DatapathConfig, addr: u32) -> bool {
     addr & cfg.cluster_cidr_mask == cfg.cluster_cidr_addr
 }
 
-/// Whether a TCP reply tuple is taken in the table a new flow is *not* created in. Each map
-/// named directly: the verifier must see a map pointer at every lookup.
-#[inline(always)]
-fn tracked_in_other_table(resumed: bool, key: &FlowKey) -> bool {
-    if resumed {
-        CONNTRACK_NEW.get_ptr(key).is_some()
-    } else {
-        CONNTRACK.get_ptr(key).is_some()
-    }
-}
-
 /// Tracks a new flow to `backend` and returns the translation for its first packet. TCP
-/// flows opened by a SYN start embryonic (`CONNTRACK_NEW`); UDP flows and resumed TCP flows
-/// go straight to `CONNTRACK`.
+/// flows start embryonic (`CONNTRACK_NEW`), also resumed ones; UDP flows go straight to
+/// `CONNTRACK`.
 #[inline(always)]
 pub fn create(
     cfg: &DatapathConfig,
@@ -272,15 +328,14 @@ pub fn create(
     let now = now();
     let tcp = flow.proto == IPPROTO_TCP;
     // A TCP flow whose first packet has no SYN is a connection that lost its entries (see
-    // `CT_NEW_WITHOUT_SYN`): it has no handshake left to wait for, and its replies (plain
-    // ACKs and data) are looked up only in CONNTRACK.
+    // `CT_NEW_WITHOUT_SYN`), or a forged packet of a flood of lone ACKs. It is embryonic like
+    // a SYN's flow and promoted the same way: once the backend answered with anything but a
+    // RST (its plain ACKs and data are found by `unclaimed`), the client's next packet.
     let resumed = tcp && tcp_flags & TCP_SYN == 0;
-    let (table, state) = if !tcp {
-        (&CONNTRACK, ct_state::NONE)
-    } else if resumed {
-        (&CONNTRACK, ct_state::ESTABLISHED)
-    } else {
+    let (table, state) = if tcp {
         (&CONNTRACK_NEW, ct_state::SYN_SENT)
+    } else {
+        (&CONNTRACK, ct_state::NONE)
     };
     let mut original = FlowNat {
         saddr: flow.saddr,
@@ -325,8 +380,8 @@ pub fn create(
             let port = (min + snat_try(hash, i) % range) as u16;
             reply_key.dport = port.to_be();
             // A port already used towards this backend belongs to another flow, in the
-            // other TCP table or (NOEXIST) in the table we insert into.
-            if tcp && tracked_in_other_table(resumed, &reply_key) {
+            // established table or (NOEXIST) in the table we insert into.
+            if tcp && CONNTRACK.get_ptr(&reply_key).is_some() {
                 continue;
             }
             if table.insert(reply_key, reply, BPF_NOEXIST as u64).is_ok() {

@@ -1,12 +1,12 @@
 //! parse -> look up -> rewrite, shared by every program type. Each return path counts
 //! exactly one verdict reason.
-use lb_common::{stat, FlowNat, FLOW_F_REPLY};
+use lb_common::{stat, FlowNat, FLOW_F_REPLY, IPPROTO_TCP};
 
 use crate::{
     conntrack, fragment, icmp, lookup,
     maps::config,
     nat::Rewrite,
-    parse::{parse, Parsed},
+    parse::{parse, Parsed, TCP_ACK, TCP_SYN},
     reject::Reject,
     stats::count,
 };
@@ -48,6 +48,9 @@ pub fn process<C: Rewrite + Reject + icmp::Patch>(ctx: &C) -> Outcome {
         // S04: a ClusterIP refuses the ports and protocols its service does not have.
         if lookup::other_port(&packet.flow) {
             return ctx.reject(&packet);
+        }
+        if let Some(nat) = conntrack::unclaimed(&packet) {
+            return translate_tracked(ctx, &packet, &nat);
         }
         count(stat::PASS_NO_SERVICE);
         return Outcome::Pass;
@@ -96,6 +99,11 @@ pub fn local_reply<C: Rewrite>(ctx: &C) -> Outcome {
     };
     if packet.flow.saddr != config().snat_addr {
         return Outcome::Pass;
+    }
+    // The node's own SYN from a masquerade port (an explicit bind): the stale reply entry of
+    // a closed masqueraded flow on that port would capture the SYN-ACK (see `unclaimed`).
+    if packet.flow.proto == IPPROTO_TCP && packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        conntrack::forget_stale_reply(&packet.flow);
     }
     match conntrack::lookup(&packet) {
         Some(nat) if nat.flags & FLOW_F_REPLY != 0 => translate_tracked(ctx, &packet, &nat),

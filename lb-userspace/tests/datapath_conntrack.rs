@@ -1,7 +1,7 @@
 //! Conntrack lifecycle through BPF_PROG_TEST_RUN: TCP state per direction (embryonic until
 //! the handshake completes, then established, closing, closed), the agent's garbage collector
-//! run on the real maps with its own clock, and a SYN flood that must not evict established
-//! flows. Real programs in the real kernel, maps seeded by the agent's own writer.
+//! run on the real maps with its own clock, SYN and ACK floods that must not evict
+//! established flows, and port reuse by a direct connection. Real programs in the real kernel, maps seeded by the agent's own writer.
 mod common;
 
 use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
@@ -23,6 +23,7 @@ use xlb::{
 };
 
 const XDP_PASS: u32 = 2;
+const TC_ACT_OK: u32 = 0;
 const SYN: u8 = 0x02;
 const ACK: u8 = 0x10;
 const FIN: u8 = 0x01;
@@ -161,21 +162,181 @@ fn tcp_flow_is_embryonic_until_its_handshake_completes_then_closes_and_can_reope
     assert_eq!(fx.conntrack().len(), 2);
 }
 
+/// Entries in (XLB_CT_V2, XLB_CT_NEW_V1), as the collector counts them (it expires nothing
+/// this fresh).
+fn table_sizes(fx: &Fixture) -> (u64, u64) {
+    let mut gc = Collector::open(&fx.pin, Timeouts::default()).expect("collector");
+    let s = gc.sweep(monotonic_ns()).unwrap();
+    assert_eq!(s.expired_flows, 0);
+    (s.established_entries, s.embryonic_entries)
+}
+
 #[test]
-fn a_first_packet_without_syn_resumes_a_lost_flow_as_established_and_is_counted() {
+fn a_first_packet_without_syn_resumes_a_lost_flow_embryonic_until_the_backend_answers() {
     let Some(fx) = fixture("ct_mid_stream") else {
         return;
     };
     // A connection whose entries were lost (evicted, expired, older than the datapath)
-    // resumes on its hash-chosen backend: it has no handshake left, so it is established at
-    // once, and its replies (plain ACKs, data) are reverse-translated.
+    // resumes on its hash-chosen backend. It starts embryonic, like a SYN's flow, so that a
+    // flood of lone ACKs cannot reach the established table.
+    send(&fx, 40100, ACK);
+    assert_eq!(states(&fx, 40100), Some(("syn_sent", "syn_sent")));
+    assert_eq!(table_sizes(&fx), (0, 2));
+    // The backend's plain ACK (no SYN-ACK: it has no handshake left) is found in the
+    // embryonic table and reverse-translated; the client's next segment promotes the flow.
+    answer(&fx, 40100, ACK);
+    assert_eq!(states(&fx, 40100), Some(("syn_sent", "syn_recv")));
     send(&fx, 40100, ACK);
     assert_eq!(states(&fx, 40100), Some(("established", "established")));
+    assert_eq!(table_sizes(&fx), (2, 0));
+    assert_eq!(fx.stat(stat::CT_PROMOTED), 1);
+    // Established: both directions translated from XLB_CT_V2 from now on.
     answer(&fx, 40100, ACK);
     send(&fx, 40100, ACK);
+    assert_eq!(fx.stat(stat::FORWARD_NEW), 1);
+    assert_eq!(fx.stat(stat::FORWARD_ESTABLISHED), 2);
+    assert_eq!(fx.stat(stat::REVERSE_NAT), 2);
     // The trace such a lost flow leaves (how LRU evictions show).
     assert_eq!(fx.stat(stat::CT_NEW_WITHOUT_SYN), 1);
-    assert_eq!(fx.stat(stat::CT_PROMOTED), 0);
+
+    // A backend that does not know the connection answers with a RST: translated (the
+    // client learns), but the flow never becomes established and goes with the closed grace.
+    send(&fx, 40101, ACK);
+    answer(&fx, 40101, RST);
+    send(&fx, 40101, ACK);
+    assert_eq!(states(&fx, 40101), Some(("syn_sent", "closed")));
+    assert_eq!(fx.stat(stat::CT_PROMOTED), 1);
+    assert_eq!(table_sizes(&fx), (2, 2));
+}
+
+#[test]
+fn a_million_acks_from_random_sources_leave_established_flows_in_place() {
+    let Some(fx) = fixture("ct_ack_flood") else {
+        return;
+    };
+    const ESTABLISHED: u16 = 1000;
+    for i in 0..ESTABLISHED {
+        handshake(&fx, 20000 + i);
+    }
+    // The flood: lone ACKs from random sources and ports, each of which resumes a flow.
+    let mut ack = tcp_frame((Ipv4Addr::new(10, 244, 0, 1), 1), (VIP, 80), ACK, b"");
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    for _ in 0..1_000_000 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        // 10.244.128.0/17: never CLIENT_POD.
+        ack[26..30].copy_from_slice(&(0x0af4_8000u32 | (x as u32 & 0x7fff)).to_be_bytes());
+        ack[34..36].copy_from_slice(&((x >> 32) as u16 | 1024).to_be_bytes());
+        assert_eq!(fx.run_xdp(&ack).0, XDP_PASS);
+    }
+    assert!(fx.stat(stat::CT_NEW_WITHOUT_SYN) > 900_000);
+    // The established table holds exactly the 1 000 flows; the flood stayed embryonic.
+    let (established, embryonic) = table_sizes(&fx);
+    assert_eq!(established, 2 * u64::from(ESTABLISHED));
+    assert!(
+        embryonic <= u64::from(lb_common::capacity::CONNTRACK_NEW),
+        "{embryonic}"
+    );
+    let (clients, _) = tracked(&fx);
+    for i in 0..ESTABLISHED {
+        let client = format!("{CLIENT_POD}:{}", 20000 + i);
+        assert_eq!(clients.get(&client), Some(&2), "{client}");
+    }
+    let before = fx.stat(stat::FORWARD_ESTABLISHED);
+    let new_before = fx.stat(stat::FORWARD_NEW);
+    for i in 0..ESTABLISHED {
+        send(&fx, 20000 + i, ACK);
+        answer(&fx, 20000 + i, ACK);
+    }
+    assert_eq!(
+        fx.stat(stat::FORWARD_ESTABLISHED) - before,
+        u64::from(ESTABLISHED)
+    );
+    assert_eq!(
+        fx.stat(stat::FORWARD_NEW),
+        new_before,
+        "none was re-created"
+    );
+    assert_eq!(fx.stat(stat::DROP_CONNTRACK_FULL), 0);
+}
+
+/// A frame of CLIENT_POD:`port` straight to the backend (no frontend).
+fn direct(port: u16, flags: u8) -> Vec<u8> {
+    tcp_frame((CLIENT_POD, port), (BACKEND, 8080), flags, b"")
+}
+
+#[test]
+fn a_direct_connection_reusing_the_port_of_a_closed_flow_is_not_captured_by_its_reply_entry() {
+    let Some(fx) = fixture("ct_port_reuse_direct") else {
+        return;
+    };
+    // CLIENT_POD:44000 -> VIP:80, balanced to BACKEND:8080, then reset. Its entries stay
+    // for the closed grace.
+    handshake(&fx, 44000);
+    send(&fx, 44000, FIN | ACK);
+    answer(&fx, 44000, RST);
+    assert_eq!(states(&fx, 44000), Some(("closing", "closed")));
+    // The client reuses port 44000 for a direct connection to BACKEND:8080. Its SYN (from
+    // the client's veth: TC) passes untouched and forgets the old flow; the backend's
+    // SYN-ACK (from the uplink: XDP) then reaches the client as the backend, not as the VIP.
+    let syn = direct(44000, SYN);
+    assert_eq!(fx.run_tc(&syn), (TC_ACT_OK, syn.clone()));
+    assert_eq!(states(&fx, 44000), None);
+    assert_eq!(fx.stat(stat::CT_REOPENED), 1);
+    let syn_ack = from_backend(44000, SYN | ACK);
+    assert_eq!(fx.run_xdp(&syn_ack), (XDP_PASS, syn_ack.clone()));
+    let ack = direct(44000, ACK);
+    assert_eq!(fx.run_tc(&ack), (TC_ACT_OK, ack.clone()));
+    assert!(fx.conntrack().is_empty());
+
+    // The same for an embryonic flow the backend refused (entries in XLB_CT_NEW_V1), and
+    // the backend's RST to the direct SYN: the client must see its connection refused.
+    send(&fx, 44001, SYN);
+    answer(&fx, 44001, RST);
+    assert_eq!(states(&fx, 44001), Some(("syn_sent", "closed")));
+    let syn = direct(44001, SYN);
+    assert_eq!(fx.run_xdp(&syn), (XDP_PASS, syn.clone()));
+    let rst = from_backend(44001, RST | ACK);
+    assert_eq!(fx.run_xdp(&rst), (XDP_PASS, rst.clone()));
+    assert_eq!(fx.stat(stat::CT_REOPENED), 2);
+    assert!(fx.conntrack().is_empty());
+
+    // A live flow is left alone (docs/datapath.md, "Port reuse": a known limit), and a SYN
+    // whose reverse is no reply entry forgets nothing.
+    handshake(&fx, 44002);
+    let syn = direct(44002, SYN);
+    assert_eq!(fx.run_tc(&syn), (TC_ACT_OK, syn.clone()));
+    let syn = direct(44003, SYN);
+    assert_eq!(fx.run_tc(&syn), (TC_ACT_OK, syn.clone()));
+    assert_eq!(states(&fx, 44002), Some(("established", "established")));
+    assert_eq!(fx.stat(stat::CT_REOPENED), 2);
+}
+
+#[test]
+fn the_nodes_own_syn_from_a_masquerade_port_forgets_the_closed_flow_that_held_it() {
+    let Some(fx) = fixture("ct_port_reuse_masquerade") else {
+        return;
+    };
+    // An external client, masqueraded to NODE_IP:port towards the backend.
+    let external = (Ipv4Addr::new(172, 18, 0, 100), 45000);
+    let (verdict, out) = fx.run_xdp(&tcp_frame(external, (VIP, 80), SYN, b""));
+    assert_eq!(verdict, XDP_PASS);
+    let (masq, to) = endpoints(&out);
+    assert_eq!((masq.0, to), (common::NODE_IP, (BACKEND, 8080)));
+    let reply = |flags| tcp_frame((BACKEND, 8080), masq, flags, b"");
+    let (_, out) = fx.run_xdp(&reply(RST));
+    assert_eq!(endpoints(&out), ((VIP, 80), external));
+    assert_eq!(fx.conntrack().len(), 2);
+    // A process on the node binds that port and connects to the backend: its SYN leaves
+    // through the egress program, which forgets the closed flow, so the SYN-ACK is the
+    // process's and not translated for the external client.
+    let syn = tcp_frame(masq, (BACKEND, 8080), SYN, b"");
+    assert_eq!(fx.run_tc_egress(&syn), (TC_ACT_OK, syn.clone()));
+    assert_eq!(fx.stat(stat::CT_REOPENED), 1);
+    assert!(fx.conntrack().is_empty());
+    let syn_ack = reply(SYN | ACK);
+    assert_eq!(fx.run_xdp(&syn_ack), (XDP_PASS, syn_ack.clone()));
 }
 
 /// Entries per client (address:port as the client sees it), and the total entry count.

@@ -6,11 +6,14 @@
 //! - `established` / `reply`: a tracked flow's next packet, each direction. BPF_PROG_TEST_RUN
 //!   rewrites the packet in place between repetitions, so a tracked packet would turn into
 //!   its translation after one run. Two bench frontends point at each other (A:80 -> B:8080,
-//!   B:8080 -> A:80): the datapath itself tracks both flows on a warm-up run (ACK segments:
-//!   established at once, as resumed connections), and from then on every repetition is a
-//!   conntrack hit with a full rewrite (address, port, checksums), alternating between the
-//!   two entries;
-//! - `miss`: TCP to an address that is no frontend and no tracked reply (passed untouched);
+//!   B:8080 -> A:80): the datapath itself tracks both flows on a warm-up (ACK segments:
+//!   resumed connections, promoted once their replies passed too), and from then on every
+//!   repetition is a conntrack hit with a full rewrite (address, port, checksums),
+//!   alternating between the two entries;
+//! - `miss`: a TCP data segment to an address that is no frontend and no tracked reply
+//!   (passed untouched): pod-to-pod and node traffic;
+//! - `miss, SYN`: the same with a SYN, which also looks for a stale reply entry (port reuse
+//!   by a direct connection, docs/datapath.md);
 //! - `new flow (chain)`: a chain of 64 bench frontends, each one's backend the next one's
 //!   frontend, so that the 64 repetitions of one call are 64 new flows in a row (a fresh
 //!   client port each call): the cost of a new flow with warm caches;
@@ -107,6 +110,7 @@ pub enum Kind {
     Established,
     Reply,
     Miss,
+    MissSyn,
     NewChain,
     FloorOneRun,
     New,
@@ -114,11 +118,12 @@ pub enum Kind {
 
 impl Kind {
     /// In report order.
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Floor,
         Kind::Established,
         Kind::Reply,
         Kind::Miss,
+        Kind::MissSyn,
         Kind::NewChain,
         Kind::FloorOneRun,
         Kind::New,
@@ -130,6 +135,7 @@ impl Kind {
             Kind::Established => "established flow",
             Kind::Reply => "reply (reverse NAT)",
             Kind::Miss => "miss (no service)",
+            Kind::MissSyn => "miss, SYN (no service)",
             Kind::NewChain => "new flow (warm, chain)",
             Kind::FloorOneRun => "floor, 1 run/call",
             Kind::New => "new flow, 1 run/call (cold, random service)",
@@ -304,14 +310,21 @@ impl Loaded {
             pin,
         };
         // Warm-up: the first run tracks client -> A (to B), the second client -> B (to A).
-        // The bench packets carry no SYN: the flows are tracked as resumed connections,
-        // established at once (and counted as such as well).
+        // The bench packets carry no SYN: the flows are tracked as resumed connections
+        // (and counted as such), embryonic until the backend answered and the client sent
+        // again. So the reply packet runs twice (B -> client becomes A -> client, the other
+        // flow's reply), then the client's packet twice more: both flows established.
         let before = counters(loaded.pin.path())?;
+        loaded.call(Prog::Xdp, &established_packet(), 2)?;
+        loaded.call(Prog::Xdp, &reply_packet(), 2)?;
         loaded.call(Prog::Xdp, &established_packet(), 2)?;
         let tracked = moved(&before, &counters(loaded.pin.path())?);
         let expected = [
             (stat::NAMES[stat::CT_NEW_WITHOUT_SYN as usize], 2),
+            (stat::NAMES[stat::CT_PROMOTED as usize], 2),
+            (stat::NAMES[stat::FORWARD_ESTABLISHED as usize], 2),
             (stat::NAMES[stat::FORWARD_NEW as usize], 2),
+            (stat::NAMES[stat::REVERSE_NAT as usize], 2),
         ];
         ensure!(
             tracked == expected,
@@ -515,6 +528,10 @@ fn reply_packet() -> Vec<u8> {
 }
 
 fn miss_packet() -> Vec<u8> {
+    tcp_frame(MISS_CLIENT, MISS_DEST, TCP_ACK | TCP_PSH, PAYLOAD)
+}
+
+fn miss_syn_packet() -> Vec<u8> {
     tcp_frame(MISS_CLIENT, MISS_DEST, TCP_SYN, &[])
 }
 
@@ -607,6 +624,7 @@ fn measure(cfg: &PerPacketConfig) -> Result<PerPacketResults> {
     let established = established_packet();
     let reply = reply_packet();
     let miss = miss_packet();
+    let miss_syn = miss_syn_packet();
     let mut clients = Clients {
         next: 0,
         rng: 0x9e37_79b9_7f4a_7c15,
@@ -646,6 +664,7 @@ fn measure(cfg: &PerPacketConfig) -> Result<PerPacketResults> {
                     (Kind::Established, &established, stat::FORWARD_ESTABLISHED),
                     (Kind::Reply, &reply, stat::REVERSE_NAT),
                     (Kind::Miss, &miss, stat::PASS_NO_SERVICE),
+                    (Kind::MissSyn, &miss_syn, stat::PASS_NO_SERVICE),
                 ] {
                     push(
                         (program, kind, n),

@@ -63,10 +63,11 @@ const COLD_GOAL_SERVICES: usize = 10_000;
 const COLD_GOAL_S: f64 = 0.5;
 const LATENCY_GOAL_SERVICES: usize = 50_000;
 const LATENCY_GOAL_MS: f64 = 10.0;
-const MEASURED_KINDS: [Kind; 5] = [
+const MEASURED_KINDS: [Kind; 6] = [
     Kind::Established,
     Kind::Reply,
     Kind::Miss,
+    Kind::MissSyn,
     Kind::NewChain,
     Kind::New,
 ];
@@ -192,6 +193,7 @@ fn kind_legend(kind: Kind) -> &'static str {
         Kind::Established => "established",
         Kind::Reply => "reply",
         Kind::Miss => "miss",
+        Kind::MissSyn => "miss, SYN",
         Kind::NewChain => "new flow, warm (chain)",
         Kind::FloorOneRun => "floor, 1 run/call",
         Kind::New => "new flow, cold (1 run/call)",
@@ -205,6 +207,7 @@ fn kind_short(kind: Kind) -> &'static str {
         Kind::Established => "established",
         Kind::Reply => "reply",
         Kind::Miss => "miss",
+        Kind::MissSyn => "miss (SYN)",
         Kind::NewChain => "new flow (warm)",
         Kind::New => "new flow (cold)",
     }
@@ -1076,9 +1079,15 @@ fn why_packet(kind: Kind, p: &PerPacketResults, noise: bool) -> String {
                 chain
             }
         ),
-        Kind::NewChain | Kind::Established | Kind::Reply | Kind::Miss => {
+        Kind::NewChain | Kind::Established | Kind::Reply | Kind::Miss | Kind::MissSyn => {
             let touches = match kind {
-                Kind::Miss => "a conntrack lookup and one frontend lookup of the same key",
+                Kind::Miss => {
+                    "a lookup in each conntrack table and one frontend lookup of the same key"
+                }
+                Kind::MissSyn => {
+                    "a frontend lookup and three conntrack lookups (its tuple, its reverse in \
+                     both tables)"
+                }
                 Kind::NewChain => "the same 64 frontends and their sets",
                 _ => {
                     "the conntrack table only, whose contents do not depend on the number \

@@ -366,6 +366,13 @@ impl Datapath {
             .context("no TC program")?
             .try_into()?)
     }
+    pub fn tc_egress_program(&self) -> Result<&SchedClassifier> {
+        Ok(self
+            .ebpf
+            .program(PROG_TC_EGRESS)
+            .context("no TC egress program")?
+            .try_into()?)
+    }
 }
 
 /// Swaps `prog` into the link pinned at `pin` (BPF_OBJ_GET, then BPF_LINK_UPDATE): aya has

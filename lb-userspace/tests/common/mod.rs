@@ -108,6 +108,12 @@ impl Fixture {
         run(|opts| prog.test_run(opts), packet)
     }
 
+    /// The egress program (`xlb_tc_egress`).
+    pub fn run_tc_egress(&self, packet: &[u8]) -> (u32, Vec<u8>) {
+        let prog = self.datapath.as_ref().unwrap().tc_egress_program().unwrap();
+        run(|opts| prog.test_run(opts), packet)
+    }
+
     /// As `run_tc`, but a refused test run is returned rather than a panic (the fuzz test
     /// prints the packet the kernel refused).
     pub fn try_run_tc(&self, packet: &[u8]) -> Result<(u32, Vec<u8>), ProgramError> {

@@ -288,6 +288,14 @@ impl Model {
             if self.other_ports.contains(&daddr) {
                 return Ok(reject(input, p, events));
             }
+            if let Some(e) = self.unclaimed(p, &mut events) {
+                let reason = if e.reply {
+                    stat::REVERSE_NAT
+                } else {
+                    stat::FORWARD_ESTABLISHED
+                };
+                return Ok(self.translate(input, p, e.to, reason, events));
+            }
             return Ok(with_events(
                 untouched(input, Verdict::Pass, stat::PASS_NO_SERVICE),
                 events,
@@ -357,13 +365,12 @@ impl Model {
         let snat = saddr == backend.addr
             || (!(local || backend.local) && (service.external || !self.in_cluster(saddr)));
         let tcp = proto == IPPROTO_TCP;
+        // Resumed flows (no SYN) start embryonic too, like a SYN's.
         let resumed = tcp && p.flags & TCP_SYN == 0;
-        let state = if !tcp {
-            ct_state::NONE
-        } else if resumed {
-            ct_state::ESTABLISHED
-        } else {
+        let state = if tcp {
             ct_state::SYN_SENT
+        } else {
+            ct_state::NONE
         };
         let (client_addr, client_port) = if snat {
             let port = be16(observed, p.l4_off);
@@ -391,11 +398,7 @@ impl Model {
             reply: true,
             state,
         };
-        let table = if tcp && !resumed {
-            &mut self.ct_new
-        } else {
-            &mut self.ct
-        };
+        let table = if tcp { &mut self.ct_new } else { &mut self.ct };
         table.insert((b_addr, client_addr, b_port, client_port, proto), reply);
         table.insert(p.key, original);
         if resumed {
@@ -456,6 +459,27 @@ impl Model {
         let reply_like =
             p.flags & TCP_RST != 0 || p.flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK;
         if proto != IPPROTO_TCP || !reply_like {
+            return None;
+        }
+        self.embryonic(p, events)
+    }
+
+    /// conntrack::unclaimed: a TCP packet no established flow and no frontend claims. A SYN
+    /// (no ACK) forgets a closing or closed flow whose reply entry is its reverse (a direct
+    /// connection reusing the client's port), in each table; other packets but SYN-ACKs and
+    /// RSTs (looked up already) look for an embryonic or resumed flow.
+    fn unclaimed(&mut self, p: &L4, events: &mut Vec<u32>) -> Option<Entry> {
+        let (saddr, daddr, sport, dport, proto) = p.key;
+        if proto != IPPROTO_TCP
+            || p.flags & TCP_RST != 0
+            || p.flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK
+        {
+            return None;
+        }
+        if p.flags & TCP_SYN != 0 {
+            let reply_key = (daddr, saddr, dport, sport, proto);
+            forget_stale_reply(&mut self.ct, reply_key, events);
+            forget_stale_reply(&mut self.ct_new, reply_key, events);
             return None;
         }
         self.embryonic(p, events)
@@ -699,6 +723,25 @@ fn reopens(
     table.remove(&key);
     events.push(stat::CT_REOPENED);
     true
+}
+
+/// A reply entry at `reply_key` whose flow is closing or closed (either direction, same
+/// table): both entries forgotten.
+fn forget_stale_reply(table: &mut HashMap<Key, Entry>, reply_key: Key, events: &mut Vec<u32>) {
+    let Some(reply) = table.get(&reply_key).copied() else {
+        return;
+    };
+    if !reply.reply {
+        return;
+    }
+    let original = reply.other(reply_key.4);
+    let original_state = table.get(&original).map_or(0, |o| o.state);
+    if reply.state < ct_state::CLOSING && original_state < ct_state::CLOSING {
+        return;
+    }
+    table.remove(&original);
+    table.remove(&reply_key);
+    events.push(stat::CT_REOPENED);
 }
 
 /// TCP state only moves forward: RST closes, FIN starts closing.
