@@ -1,7 +1,10 @@
 //! The two program contexts behind one interface, so the pipeline is written once.
 //! XDP reads and writes packet memory directly; TC goes through skb helpers where the
 //! kernel must know about the change (checksums of CHECKSUM_PARTIAL packets, pulls).
-use aya_ebpf::programs::{TcContext, XdpContext};
+use aya_ebpf::{
+    helpers::generated::bpf_xdp_get_buff_len,
+    programs::{TcContext, XdpContext},
+};
 
 pub struct Xdp<'a>(pub &'a XdpContext);
 pub struct Tc<'a>(pub &'a TcContext);
@@ -9,7 +12,8 @@ pub struct Tc<'a>(pub &'a TcContext);
 pub trait Packet {
     fn data(&self) -> usize;
     fn data_end(&self) -> usize;
-    /// Length of the whole packet (for TC, including non-linear parts).
+    /// Length of the whole packet, including non-linear parts (TC skb fragments, XDP
+    /// multi-buffer fragments). Direct reads reach only the linear part (`data..data_end`).
     fn len(&self) -> usize;
     /// Makes at least `len` bytes directly readable, where the context allows it.
     fn pull(&self, len: usize);
@@ -26,7 +30,15 @@ impl Packet for Xdp<'_> {
     }
     #[inline(always)]
     fn len(&self) -> usize {
-        self.0.data_end() - self.0.data()
+        let linear = self.0.data_end() - self.0.data();
+        // SAFETY: plain helper call on this program's context. xlb_xdp is frags-capable: a
+        // multi-buffer packet (a GSO packet from a veth peer) is longer than its linear part.
+        let whole = unsafe { bpf_xdp_get_buff_len(self.0.ctx) } as usize;
+        if whole > linear {
+            whole
+        } else {
+            linear
+        }
     }
     #[inline(always)]
     fn pull(&self, _len: usize) {}

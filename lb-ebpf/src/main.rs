@@ -38,7 +38,10 @@ use pipeline::Outcome;
 
 /// Uplink ingress. Translated packets go to the host stack (XDP_PASS), which routes them;
 /// the agent sets `accept_local` on uplinks so masqueraded packets are not taken for martians.
-#[xdp]
+/// Frags-capable (multi-buffer packets: headers in the linear part, the rest in fragments):
+/// a veth keeps its peer's GSO only when the XDP program on it accepts such packets, so a
+/// non-frags program made every 64 KiB send be segmented before it reached the program.
+#[xdp(frags)]
 pub fn xlb_xdp(ctx: XdpContext) -> u32 {
     match pipeline::process(&context::Xdp(&ctx)) {
         Outcome::Pass | Outcome::Translated => xdp_action::XDP_PASS,
@@ -48,8 +51,9 @@ pub fn xlb_xdp(ctx: XdpContext) -> u32 {
 }
 
 /// The benchmark floor: parses like the pipeline, counts nothing, passes everything. Its
-/// cost per packet is what any XDP program that reads these headers pays.
-#[xdp]
+/// cost per packet is what any XDP program that reads these headers pays. Frags-capable like
+/// `xlb_xdp`, so both parse the same way.
+#[xdp(frags)]
 pub fn xlb_floor(ctx: XdpContext) -> u32 {
     let _ = core::hint::black_box(parse::parse(&context::Xdp(&ctx)).is_ok());
     xdp_action::XDP_PASS

@@ -60,7 +60,10 @@ pub fn parse<C: Packet>(ctx: &C) -> Result<Parsed, u32> {
     let ip_len = ihl * 4;
     let tot_len =
         u16::from_be(read_at::<C, u16>(ctx, ETH_HLEN + 2).ok_or(stat::PASS_MALFORMED)?) as usize;
-    if tot_len < ip_len || ctx.len() < ETH_HLEN + tot_len {
+    // The whole length is asked for only when the linear part is shorter than the datagram
+    // (an XDP helper call; multi-buffer packets only).
+    let linear = ctx.data_end() - ctx.data();
+    if tot_len < ip_len || (linear < ETH_HLEN + tot_len && ctx.len() < ETH_HLEN + tot_len) {
         return Err(stat::PASS_MALFORMED);
     }
     let frag = u16::from_be(read_at::<C, u16>(ctx, IP_FRAG_OFF).ok_or(stat::PASS_MALFORMED)?);

@@ -180,6 +180,20 @@ fn bench_runs_in_its_tiny_configuration() {
             .unwrap_or_else(|| panic!("{proxy:?}: no TCP_CRR to the pod IP"));
         assert_positive(&format!("{proxy:?} TCP_CRR to the pod IP"), &row.rates);
     }
+    // NodePort traffic from the external host at the largest size, on every system, with
+    // ratios to the limit (the external host straight to the pod) of the same round.
+    assert!(!tc.nodeport_tests.is_empty());
+    for proxy in Proxy::ALL {
+        for &test in &tc.nodeport_tests {
+            let what = format!("{proxy:?} {test:?} to the NodePort");
+            let row = traffic
+                .row(proxy, traffic.largest(), test, Target::NodePort)
+                .unwrap_or_else(|| panic!("no row for {what}"));
+            assert_eq!(row.rates.len(), tc.rounds, "{what}");
+            assert_positive(&what, &row.rates);
+            assert_positive(&format!("{what} ratio"), &row.ratios);
+        }
+    }
     assert!(traffic.generator.starts_with("built-in"));
 
     // Part 4: the load ran across a SIGKILL and restart of both agents, and no established
@@ -209,6 +223,10 @@ fn bench_runs_in_its_tiny_configuration() {
     // Tiny sizes are not the goals' sizes: those goals say so instead of a verdict.
     assert!(text.contains("not measured in this run"));
     assert!(!text.contains("TODO"), "the report still has TODOs");
+    assert!(
+        text.contains("NodePort traffic from outside the cluster"),
+        "the report lacks the NodePort table"
+    );
     assert!(
         text.contains("built-in"),
         "the report does not name the load generator"

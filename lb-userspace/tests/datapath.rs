@@ -297,6 +297,56 @@ fn xdp_nodeport_to_local_backend_keeps_client_source() {
     );
 }
 
+/// A TCP segment with `payload` bytes of payload (a GSO packet, as a veth hands a
+/// frags-capable XDP program one).
+fn tcp_large(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, payload: usize) -> Vec<u8> {
+    let mut v = Vec::new();
+    PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ipv4(src.octets(), dst.octets(), 64)
+        .tcp(sport, dport, 5000, 64240)
+        .ack(1001)
+        .write(&mut v, &vec![0x5a; payload])
+        .unwrap();
+    v
+}
+
+#[test]
+fn xdp_multi_buffer_packets_are_translated_whole() {
+    let Some(fx) = Fixture::load("xdp_multi_buffer_packets_are_translated_whole") else {
+        return;
+    };
+    let fx = fx.with_web_service();
+    // BPF_PROG_TEST_RUN puts what does not fit in one page into fragments when the program
+    // is frags-capable, as a veth does with a GSO packet: 30 000 bytes span several.
+    let fwd = parse_checked(&fx.run_xdp(&tcp(CLIENT_POD, 40010, VIP, 80, true)).1);
+    // The handshake's other two packets make the flow established.
+    fx.run_xdp(&syn_ack(fwd.dst, 8080, CLIENT_POD, 40010));
+    fx.run_xdp(&tcp(CLIENT_POD, 40010, VIP, 80, false));
+    let (verdict, out) = fx.run_xdp(&tcp_large(fwd.dst, 8080, CLIENT_POD, 40010, 30_000));
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(
+        out.len(),
+        14 + 20 + 20 + 30_000,
+        "the whole packet comes back"
+    );
+    assert_eq!(fx.stat(stat::REVERSE_NAT), 2, "{:?}", fx.nonzero_stats());
+    assert_eq!(
+        parse_checked(&out),
+        Tuple {
+            src: VIP,
+            sport: 80,
+            dst: CLIENT_POD,
+            dport: 40010
+        }
+    );
+    assert!(out[54..].iter().all(|&b| b == 0x5a), "payload untouched");
+    let (verdict, out) = fx.run_xdp(&tcp_large(CLIENT_POD, 40010, VIP, 80, 30_000));
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(parse_checked(&out).dst, fwd.dst);
+    assert_eq!(fx.stat(stat::FORWARD_ESTABLISHED), 2);
+    assert_eq!(fx.stat(stat::PASS_MALFORMED), 0);
+}
+
 #[test]
 fn xdp_udp_dnat_and_reply() {
     let Some(fx) = Fixture::load("xdp_udp_dnat_and_reply") else {

@@ -1,8 +1,10 @@
 //! The testbed cluster the traffic and restart benchmarks run in, with one system loaded:
 //! node1 runs the client pod, node2 the server pod; a Service `bench/traffic` (ClusterIP
 //! [`TRAFFIC_VIP`], port 80 TCP and UDP, target 8080) has the server pod as its one endpoint,
-//! so direct and VIP traffic reach the same server; `services - 1` synthetic services (10
-//! endpoints each, `synth`) are loaded beside it as background.
+//! so direct and VIP traffic reach the same server; the same service is a NodePort
+//! ([`NODE_PORT`], externalTrafficPolicy Cluster), which the external host reaches on node2,
+//! where the endpoint is local. `services - 1` synthetic services (10 endpoints each,
+//! `synth`) are loaded beside it as background.
 //!
 //! The systems: nothing (the limit), xlb (agents on both nodes, uplinks in XDP or TC mode),
 //! kube-proxy's iptables layout and its nftables layout (the exact rules of `kube_proxy`,
@@ -34,6 +36,8 @@ pub const SERVER_PORT: u16 = 8080;
 /// would meet xlb's conntrack entry of the earlier VIP flow, whose reply side has the same
 /// tuple (see the report's part 2).
 pub const DIRECT_PORT: u16 = 8081;
+/// The traffic service's node port (TCP and UDP).
+pub const NODE_PORT: u16 = 30080;
 const CLIENT_POD: &str = "client";
 const SERVER_POD: &str = "server";
 const CLIENT_NODE: &str = "node1";
@@ -119,6 +123,27 @@ impl BenchCluster {
         let server = Server::start(&tb.pod(SERVER_POD).netns, SERVER_PORT)?;
         let direct_server = Server::start(&tb.pod(SERVER_POD).netns, DIRECT_PORT)?;
         loadgen::prepare_client_netns(&tb.pod(CLIENT_POD).netns)?;
+        // The external host: a NodePort client. Straight to the pod (the limit of NodePort
+        // traffic) it goes via the pod's node, as NodePort traffic to node2 does, not via
+        // node1 (the testbed's route for the pod CIDR).
+        loadgen::prepare_client_netns(&tb.external().netns)?;
+        let (pod_ip, node_ip) = (tb.pod(SERVER_POD).ip, tb.node(SERVER_NODE).ip);
+        let out = tb.run_in(
+            &tb.external().netns,
+            &[
+                "ip",
+                "route",
+                "add",
+                &format!("{pod_ip}/32"),
+                "via",
+                &node_ip.to_string(),
+            ],
+        )?;
+        ensure!(
+            out.status.success(),
+            "route to the server pod via {node_ip}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
         let manifests = tb.work_dir().join("manifests");
         let mut c = BenchCluster {
             proxy,
@@ -163,6 +188,18 @@ impl BenchCluster {
         SocketAddrV4::new(self.server_ip(), SERVER_PORT)
     }
 
+    pub fn external_netns(&self) -> String {
+        self.tb.external().netns.clone()
+    }
+
+    /// node2's address and the node port, or the pod IP for the limit.
+    pub fn nodeport_target(&self) -> SocketAddrV4 {
+        match self.proxy {
+            Proxy::Limit => self.direct_target(),
+            _ => SocketAddrV4::new(self.tb.node(SERVER_NODE).ip, NODE_PORT),
+        }
+    }
+
     /// The pod IP on a port no service points at: traffic that is not to a service.
     pub fn no_service_target(&self) -> SocketAddrV4 {
         SocketAddrV4::new(self.server_ip(), DIRECT_PORT)
@@ -181,6 +218,7 @@ impl BenchCluster {
                 port: TRAFFIC_PORT,
                 target_port: SERVER_PORT,
                 endpoints: vec![self.server_ip()],
+                node_port: Some(NODE_PORT),
             })
             .collect()
     }
@@ -202,31 +240,42 @@ impl BenchCluster {
                     (0..background).map(|i| ServicePort::synthetic(i, self.background_endpoints)),
                 );
                 let work = self.tb.work_dir().to_path_buf();
-                let (rules, argv): (String, Vec<&str>) = if self.proxy == Proxy::Iptables {
+                // One input per node: nftables mode takes NodePorts on the node's own
+                // address only.
+                let mut files = Vec::new();
+                let argv: Vec<&str> = if self.proxy == Proxy::Iptables {
                     let restore = iptables_restore();
                     let jumps = work.join("iptables-jumps.rules");
                     std::fs::write(&jumps, kube_proxy::iptables_jumps())?;
+                    let file = work.join("kube-proxy.rules");
+                    std::fs::write(&file, kube_proxy::iptables_rules(&ports))?;
                     for node in NODES {
                         self.run_ok(node, &[restore, "--noflush", &path_str(&jumps)])?;
+                        files.push(path_str(&file));
                     }
-                    (
-                        kube_proxy::iptables_rules(&ports),
-                        vec![restore, "--noflush", "--counters"],
-                    )
+                    vec![restore, "--noflush", "--counters"]
                 } else {
-                    (kube_proxy::nft_rules(&ports), vec!["nft", "-f"])
+                    for node in NODES {
+                        let file = work.join(format!("kube-proxy-{node}.rules"));
+                        std::fs::write(
+                            &file,
+                            kube_proxy::nft_rules(&ports, self.tb.node(node).ip),
+                        )?;
+                        files.push(path_str(&file));
+                    }
+                    vec!["nft", "-f"]
                 };
-                let file = work.join("kube-proxy.rules");
-                std::fs::write(&file, rules)?;
-                let file = path_str(&file);
-                let mut cmd = argv.clone();
-                cmd.push(&file);
                 // Both nodes at once (one core each): large nft loads take minutes.
                 let this = &*self;
                 std::thread::scope(|scope| {
                     let loads: Vec<_> = NODES
                         .iter()
-                        .map(|node| scope.spawn(|| this.run_ok(node, &cmd)))
+                        .zip(&files)
+                        .map(|(node, file)| {
+                            let mut cmd = argv.clone();
+                            cmd.push(file);
+                            scope.spawn(move || this.run_ok(node, &cmd))
+                        })
                         .collect();
                     loads
                         .into_iter()
@@ -255,7 +304,7 @@ impl BenchCluster {
             .iter()
             .map(|p| {
                 serde_json::json!({"name": p, "port": TRAFFIC_PORT, "protocol": p.to_uppercase(),
-                                   "targetPort": SERVER_PORT})
+                                   "targetPort": SERVER_PORT, "nodePort": NODE_PORT})
             })
             .collect();
         let slice_ports: Vec<serde_json::Value> = ["tcp", "udp"]
@@ -266,7 +315,7 @@ impl BenchCluster {
             serde_json::json!({
                 "apiVersion": "v1", "kind": "Service",
                 "metadata": {"name": "traffic", "namespace": synth::NAMESPACE},
-                "spec": {"type": "ClusterIP", "clusterIP": TRAFFIC_VIP.to_string(),
+                "spec": {"type": "NodePort", "clusterIP": TRAFFIC_VIP.to_string(),
                          "clusterIPs": [TRAFFIC_VIP.to_string()], "ports": ports},
             }),
             serde_json::json!({
@@ -355,14 +404,16 @@ impl BenchCluster {
     /// One TCP transaction and one UDP transaction, through the service and directly, so a
     /// broken path fails here, loudly, instead of as a low number.
     fn check_paths(&self) -> Result<()> {
-        let ns = self.client_netns();
-        for target in [
-            self.service_target(),
-            self.direct_target(),
-            self.no_service_target(),
+        let client = self.client_netns();
+        let external = self.external_netns();
+        for (ns, target) in [
+            (&client, self.service_target()),
+            (&client, self.direct_target()),
+            (&client, self.no_service_target()),
+            (&external, self.nodeport_target()),
         ] {
             for test in [loadgen::Test::TcpRr, loadgen::Test::UdpRr] {
-                let out = loadgen::run(&ns, test, target, Duration::from_millis(50)).with_context(
+                let out = loadgen::run(ns, test, target, Duration::from_millis(50)).with_context(
                     || {
                         format!(
                             "{} with {} services: {} to {target} does not work",

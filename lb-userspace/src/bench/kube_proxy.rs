@@ -37,6 +37,8 @@ pub struct ServicePort {
     pub port: u16,
     pub target_port: u16,
     pub endpoints: Vec<Ipv4Addr>,
+    /// The node port, for a NodePort service (externalTrafficPolicy Cluster).
+    pub node_port: Option<u16>,
 }
 
 impl ServicePort {
@@ -53,6 +55,7 @@ impl ServicePort {
             endpoints: (0..endpoints)
                 .map(|j| synth::endpoint_ip(i, j, endpoints))
                 .collect(),
+            node_port: None,
         }
     }
 
@@ -211,6 +214,17 @@ pub fn iptables_rules(ports: &[ServicePort]) -> String {
             "-A {svc} {match_ip} ! -s {cidr} -j KUBE-MARK-MASQ"
         );
         let _ = writeln!(nat_chains, ":{svc} - [0:0]");
+        if let Some(node_port) = sp.node_port {
+            // externalTrafficPolicy Cluster: every NodePort packet is marked for masquerade.
+            let ext = svc.replacen("KUBE-SVC-", "KUBE-EXT-", 1);
+            let _ = writeln!(nat_chains, ":{ext} - [0:0]");
+            let _ = writeln!(
+                nat_rules,
+                "-A KUBE-NODEPORTS -m comment --comment {name} -m {proto} -p {proto} --dport {node_port} -j {ext}\n\
+                 -A {ext} -m comment --comment \"masquerade traffic for {name} external destinations\" -j KUBE-MARK-MASQ\n\
+                 -A {ext} -j {svc}"
+            );
+        }
         let endpoints = sp.endpoints.len();
         let eps: Vec<String> = sp
             .endpoints
@@ -293,11 +307,12 @@ fn hash_and_truncate(name: &str) -> String {
 
 /// The transaction kube-proxy's first nftables sync feeds to `nft -f -`.
 pub fn nft_sync(n: usize, endpoints: usize) -> String {
-    nft_rules(&synthetic(n, endpoints))
+    nft_rules(&synthetic(n, endpoints), synth::NODE_IP)
 }
 
-/// The same for any service ports.
-pub fn nft_rules(ports: &[ServicePort]) -> String {
+/// The same for any service ports, on the node whose primary address is `node_ip` (the
+/// one address kube-proxy's nftables mode accepts NodePort traffic on by default).
+pub fn nft_rules(ports: &[ServicePort], node_ip: Ipv4Addr) -> String {
     let mut s = String::new();
     let mut add = |line: &str| {
         s.push_str(line);
@@ -363,7 +378,6 @@ pub fn nft_rules(ports: &[ServicePort]) -> String {
     ] {
         ensure(&mut add, chain);
     }
-    let node_ip = synth::NODE_IP;
     let service_cidr = synth::SERVICE_CIDR;
     let fixed = format!(
         "add rule {T} mark-for-masquerade mark set mark or {MASQ_MARK}\n\
@@ -441,6 +455,16 @@ flush map {T} service-nodeports"
             add(&format!(
                 "add rule {T} {chain} meta l4proto {proto} dnat to {ep_ip}:{}",
                 sp.target_port
+            ));
+        }
+        if let Some(node_port) = sp.node_port {
+            // externalTrafficPolicy Cluster: masquerade, then the service chain.
+            let ext = format!("external-{}", hash_and_truncate(&base));
+            ensure(&mut add, &ext);
+            add(&format!("add rule {T} {ext} jump mark-for-masquerade"));
+            add(&format!("add rule {T} {ext} goto {svc}"));
+            add(&format!(
+                "add element {T} service-nodeports {{ {proto} . {node_port} : goto {ext} }}"
             ));
         }
     }

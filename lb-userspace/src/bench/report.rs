@@ -1019,7 +1019,7 @@ fn falls_short_section(o: &mut String, r: &BenchResults, goals: &[Goal]) {
     if !any {
         let _ = writeln!(o, "Nothing measured in this run misses its goal.\n");
     }
-    if r.traffic.is_some() {
+    if r.traffic.is_some() && !report_traffic::measured_nodeport(r) {
         let _ = writeln!(
             o,
             "Not measured, so not claimed: NodePort traffic from the external host (part 2).\n"

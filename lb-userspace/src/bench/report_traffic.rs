@@ -241,9 +241,18 @@ pub fn traffic_section(o: &mut String, r: &BenchResults, plots: &[&str]) {
          conntrack tables are flushed (`conntrack -F`); each system has its own cluster and \
          so its own fresh xlb datapath. Cells: median rate (min–max over rounds) and, below, \
          the ratio to the limit within each round. TCP_RR, TCP_CRR and UDP_RR in \
-         transactions/s, TCP_STREAM in Gbit/s. NodePort traffic from the external host was \
-         not measured in this run.\n",
-        t.generator, c.background_endpoints, t.iptables_version, c.rounds, c.rr_s, c.stream_s
+         transactions/s, TCP_STREAM in Gbit/s.{}\n",
+        t.generator,
+        c.background_endpoints,
+        t.iptables_version,
+        c.rounds,
+        c.rr_s,
+        c.stream_s,
+        if has_nodeport(t) {
+            ""
+        } else {
+            " NodePort traffic from the external host was not measured in this run."
+        }
     );
     for &n in &c.sizes {
         let _ = writeln!(
@@ -252,31 +261,26 @@ pub fn traffic_section(o: &mut String, r: &BenchResults, plots: &[&str]) {
             count(n),
             if n == 1 { "" } else { "s" }
         );
-        let _ = write!(o, "| test |");
-        for p in Proxy::ALL {
-            let _ = write!(o, " {} |", p.label());
+        rate_table(o, t, n, Target::Service);
+        if t.rows
+            .iter()
+            .any(|r| r.services == n && r.target == Target::NodePort)
+        {
+            let _ = writeln!(
+                o,
+                "NodePort traffic from outside the cluster with {} services loaded: the \
+                 external host to node2's address and the traffic service's node port \
+                 ({}, externalTrafficPolicy Cluster; the one endpoint is on node2). *limit*: \
+                 the external host straight to the pod, routed via node2, nothing loaded. \
+                 kube-proxy's layouts include their NodePort rules (iptables: KUBE-NODEPORTS \
+                 → KUBE-EXT-* with the masquerade mark; nftables: the `service-nodeports` \
+                 map → `external-*`, on the node's own address); they masquerade this \
+                 traffic, xlb keeps the client's address for a local endpoint.\n",
+                count(n),
+                super::cluster::NODE_PORT
+            );
+            rate_table(o, t, n, Target::NodePort);
         }
-        let _ = writeln!(o, "\n|---|---|---|---|---|---|");
-        for test in Test::ALL {
-            let _ = write!(o, "| {} ({}) |", test.label(), test.unit());
-            for p in Proxy::ALL {
-                let cell = match service_row(t, p, n, test) {
-                    Some(row) => match (row.rate, row.ratio) {
-                        (Some(rate), Some(ratio)) if p != Proxy::Limit => format!(
-                            "{}<br>{}",
-                            range(&rate, |v| rate_text(test, v)),
-                            ratio_range(&ratio)
-                        ),
-                        (Some(rate), _) => range(&rate, |v| rate_text(test, v)),
-                        _ => "—".into(),
-                    },
-                    None => "—".into(),
-                };
-                let _ = write!(o, " {cell} |");
-            }
-            o.push('\n');
-        }
-        o.push('\n');
         if t.rows
             .iter()
             .any(|r| r.services == n && r.target == Target::PodIp)
@@ -318,6 +322,51 @@ pub fn traffic_section(o: &mut String, r: &BenchResults, plots: &[&str]) {
     for p in plots.iter().filter(|p| p.contains("-vip-")) {
         let _ = writeln!(o, "![{p}]({p})\n");
     }
+}
+
+fn has_nodeport(t: &TrafficResults) -> bool {
+    t.rows.iter().any(|r| r.target == Target::NodePort)
+}
+
+/// One table of `target` rows at `n` services: a line per test measured, a column per system.
+fn rate_table(o: &mut String, t: &TrafficResults, n: usize, target: Target) {
+    let _ = write!(o, "| test |");
+    for p in Proxy::ALL {
+        let _ = write!(o, " {} |", p.label());
+    }
+    let _ = writeln!(o, "\n|---|---|---|---|---|---|");
+    for test in Test::ALL {
+        if !t
+            .rows
+            .iter()
+            .any(|r| r.services == n && r.test == test && r.target == target)
+        {
+            continue;
+        }
+        let _ = write!(o, "| {} ({}) |", test.label(), test.unit());
+        for p in Proxy::ALL {
+            let cell = match t.row(p, n, test, target) {
+                Some(row) => match (row.rate, row.ratio) {
+                    (Some(rate), Some(ratio)) if p != Proxy::Limit => format!(
+                        "{}<br>{}",
+                        range(&rate, |v| rate_text(test, v)),
+                        ratio_range(&ratio)
+                    ),
+                    (Some(rate), _) => range(&rate, |v| rate_text(test, v)),
+                    _ => "—".into(),
+                },
+                None => "—".into(),
+            };
+            let _ = write!(o, " {cell} |");
+        }
+        o.push('\n');
+    }
+    o.push('\n');
+}
+
+/// Whether part 2 measured NodePort traffic (the report's "not measured" line).
+pub fn measured_nodeport(r: &BenchResults) -> bool {
+    r.traffic.as_ref().is_some_and(has_nodeport)
 }
 
 pub fn restart_section(o: &mut String, r: &BenchResults) {
@@ -466,13 +515,12 @@ pub fn falls_short(o: &mut String, r: &BenchResults) -> bool {
             count(n),
             ratio_range(&ratio),
             if proxy == Proxy::XlbXdp {
-                "Most likely the veth XDP rule, not the datapath's work: the xlb XDP program \
-                 is not declared frags-capable (`#[xdp]`, not `#[xdp(frags)]`), and a veth \
-                 whose peer runs such a program clears that peer's software GSO, so the \
-                 switch port segments every 64 KiB send into MTU-sized packets that each run \
-                 the program; with TC on the uplinks the same stream runs at the limit. A \
-                 physical NIC has no such coupling; declaring frags support would lift it \
-                 here. Not profiled in this run."
+                "Most likely the veth XDP rule, not the datapath's work: a veth whose peer \
+                 runs an XDP program clears its own software GSO (kernel 6.18 does so for \
+                 frags-capable programs too; `xlb_xdp` is one, `#[xdp(frags)]`), so the \
+                 switch port segments every 64 KiB send into MTU-sized packets that each \
+                 run the program; with TC on the uplinks the same stream is not segmented. \
+                 A physical NIC has no such coupling. Not profiled in this run."
             } else {
                 "Not profiled in this run."
             }

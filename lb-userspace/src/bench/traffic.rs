@@ -4,8 +4,10 @@
 //! pod IP with nothing loaded (the limit). At each size all five clusters run side by side
 //! and every round runs each test on each system in turn (A B C D E, A B C D E, ...), so a
 //! ratio to the limit is computed within a round. At the largest size, also TCP_CRR straight
-//! to the pod IP on every loaded system: the new-connection cost for traffic that is not to
-//! a service.
+//! to the pod IP on every loaded system (the new-connection cost for traffic that is not to
+//! a service), and NodePort traffic: the external host to node2's address and node port,
+//! whose one endpoint is local to node2, against the external host straight to the pod with
+//! nothing loaded.
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::{Context, Result};
@@ -35,6 +37,13 @@ pub struct TrafficConfig {
     pub stream_s: f64,
     /// TCP_CRR to the pod IP on every loaded system at the largest size.
     pub no_service_crr: bool,
+    /// Tests run from the external host to the NodePort at the largest size.
+    pub nodeport_tests: Vec<Test>,
+    /// Tests run from the client pod to the ClusterIP (all of them unless narrowed while
+    /// iterating, `xlb-bench --traffic-test`).
+    pub tests: Vec<Test>,
+    /// Systems measured besides the limit (all unless narrowed, `xlb-bench --system`).
+    pub systems: Vec<Proxy>,
     pub xlb: Option<PathBuf>,
 }
 
@@ -46,6 +55,17 @@ pub enum Target {
     Service,
     /// The pod IP, with the system loaded: traffic that is not to a service.
     PodIp,
+    /// From the external host: node2's address and the node port (the pod IP, routed via
+    /// node2, for the limit).
+    NodePort,
+}
+
+impl Target {
+    /// Whether the limit runs this target too (its rate is the ratios' denominator);
+    /// traffic to the pod IP compares with the limit's `Service` run instead.
+    fn limit_runs(self) -> bool {
+        self != Target::PodIp
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -116,7 +136,11 @@ pub fn run(cfg: &TrafficConfig) -> Result<TrafficResults> {
         check_interrupt()?;
         say(format!("part 2: clusters with {n} services"));
         let mut clusters = Vec::new();
-        for proxy in Proxy::ALL {
+        let systems: Vec<Proxy> = Proxy::ALL
+            .into_iter()
+            .filter(|p| *p == Proxy::Limit || cfg.systems.contains(p))
+            .collect();
+        for &proxy in &systems {
             clusters.push(BenchCluster::start(
                 proxy,
                 n,
@@ -125,14 +149,18 @@ pub fn run(cfg: &TrafficConfig) -> Result<TrafficResults> {
             )?);
         }
         let mut plan: Vec<(Test, Target)> =
-            Test::ALL.iter().map(|t| (*t, Target::Service)).collect();
-        if cfg.no_service_crr && n == largest {
+            cfg.tests.iter().map(|t| (*t, Target::Service)).collect();
+        // Compared with the limit's TCP_CRR through the "service" (the pod IP) of the round.
+        if cfg.no_service_crr && n == largest && cfg.tests.contains(&Test::TcpCrr) {
             plan.push((Test::TcpCrr, Target::PodIp));
+        }
+        if n == largest {
+            plan.extend(cfg.nodeport_tests.iter().map(|t| (*t, Target::NodePort)));
         }
         let start = rows.len();
         for &(test, target) in &plan {
-            for proxy in Proxy::ALL {
-                if target == Target::PodIp && proxy == Proxy::Limit {
+            for &proxy in &systems {
+                if !target.limit_runs() && proxy == Proxy::Limit {
                     continue;
                 }
                 rows.push(TrafficRow {
@@ -160,26 +188,26 @@ pub fn run(cfg: &TrafficConfig) -> Result<TrafficResults> {
                 };
                 let mut limit = f64::NAN;
                 for c in &clusters {
-                    if target == Target::PodIp && c.proxy == Proxy::Limit {
+                    if !target.limit_runs() && c.proxy == Proxy::Limit {
                         continue;
                     }
                     check_interrupt()?;
                     if test == Test::TcpCrr {
                         c.flush_conntrack()?;
                     }
-                    let to = match target {
-                        Target::Service => c.service_target(),
-                        Target::PodIp => c.no_service_target(),
+                    let (from, to) = match target {
+                        Target::Service => (c.client_netns(), c.service_target()),
+                        Target::PodIp => (c.client_netns(), c.no_service_target()),
+                        Target::NodePort => (c.external_netns(), c.nodeport_target()),
                     };
-                    let out = loadgen::run(
-                        &c.client_netns(),
-                        test,
-                        to,
-                        Duration::from_secs_f64(seconds),
-                    )
-                    .with_context(|| {
-                        format!("{} {} with {n} services", c.proxy.short(), test.label())
-                    })?;
+                    let out = loadgen::run(&from, test, to, Duration::from_secs_f64(seconds))
+                        .with_context(|| {
+                            format!(
+                                "{} {} {target:?} with {n} services",
+                                c.proxy.short(),
+                                test.label()
+                            )
+                        })?;
                     let rate = out.rate(test);
                     if c.proxy == Proxy::Limit {
                         limit = rate;
@@ -190,7 +218,7 @@ pub fn run(cfg: &TrafficConfig) -> Result<TrafficResults> {
                         .expect("planned row");
                     row.rates.push(rate);
                     row.errors.push(out.errors);
-                    if target == Target::Service {
+                    if target.limit_runs() {
                         row.ratios.push(rate / limit);
                     }
                 }

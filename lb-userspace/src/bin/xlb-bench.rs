@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Parser, ValueEnum};
-use xlb::bench::{self, report, BenchConfig};
+use xlb::bench::{self, cluster::Proxy, loadgen::Test, report, BenchConfig};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Output {
@@ -49,6 +49,48 @@ struct Cli {
     /// 4 restart); repeatable. Default: all.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=4))]
     part: Vec<u8>,
+    /// Part 2 only on these systems besides the limit (xdp, tc, iptables, nftables);
+    /// repeatable. For iterating: the report then lacks the others.
+    #[arg(long, value_name = "SYSTEM", value_parser = parse_system)]
+    system: Vec<Proxy>,
+    /// Part 2 only these tests through the ClusterIP (tcp_rr, tcp_crr, tcp_stream, udp_rr);
+    /// repeatable.
+    #[arg(long, value_name = "TEST", value_parser = parse_test)]
+    traffic_test: Vec<Test>,
+    /// Part 2 NodePort tests instead of the default (TCP_RR, TCP_CRR); `none` for none.
+    #[arg(long, value_name = "TEST", value_parser = parse_test_or_none)]
+    nodeport_test: Vec<Option<Test>>,
+    /// Part 2 at these sizes only; repeatable.
+    #[arg(long, value_name = "SERVICES")]
+    traffic_size: Vec<usize>,
+    /// Part 2 rounds instead of the mode's.
+    #[arg(long, value_name = "N")]
+    traffic_rounds: Option<usize>,
+}
+
+fn parse_system(s: &str) -> Result<Proxy, String> {
+    match s {
+        "xdp" => Ok(Proxy::XlbXdp),
+        "tc" => Ok(Proxy::XlbTc),
+        "iptables" => Ok(Proxy::Iptables),
+        "nftables" => Ok(Proxy::Nftables),
+        _ => Err("one of xdp, tc, iptables, nftables".into()),
+    }
+}
+
+fn parse_test(s: &str) -> Result<Test, String> {
+    Test::ALL
+        .into_iter()
+        .find(|t| t.label().eq_ignore_ascii_case(s))
+        .ok_or_else(|| "one of tcp_rr, tcp_crr, tcp_stream, udp_rr".into())
+}
+
+fn parse_test_or_none(s: &str) -> Result<Option<Test>, String> {
+    if s == "none" {
+        Ok(None)
+    } else {
+        parse_test(s).map(Some)
+    }
 }
 
 fn main() -> Result<()> {
@@ -76,6 +118,23 @@ fn main() -> Result<()> {
         }
         if !keep(4) {
             config.restart = None;
+        }
+    }
+    if let Some(traffic) = &mut config.traffic {
+        if !cli.system.is_empty() {
+            traffic.systems = cli.system.clone();
+        }
+        if !cli.traffic_test.is_empty() {
+            traffic.tests = cli.traffic_test.clone();
+        }
+        if !cli.nodeport_test.is_empty() {
+            traffic.nodeport_tests = cli.nodeport_test.iter().flatten().copied().collect();
+        }
+        if !cli.traffic_size.is_empty() {
+            traffic.sizes = cli.traffic_size.clone();
+        }
+        if let Some(rounds) = cli.traffic_rounds {
+            traffic.rounds = rounds;
         }
     }
     bench::sys::install_interrupt_handler();
