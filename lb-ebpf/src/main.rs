@@ -39,8 +39,9 @@ use pipeline::Outcome;
 /// Uplink ingress. Translated packets go to the host stack (XDP_PASS), which routes them;
 /// the agent sets `accept_local` on uplinks so masqueraded packets are not taken for martians.
 /// Frags-capable (multi-buffer packets: headers in the linear part, the rest in fragments):
-/// a veth keeps its peer's GSO only when the XDP program on it accepts such packets, so a
-/// non-frags program made every 64 KiB send be segmented before it reached the program.
+/// it attaches in driver mode where the MTU exceeds a page (jumbo frames) and translates
+/// GSO packets whole where the driver hands them over. (A veth still segments its peer's
+/// sends for any XDP program in kernel 6.18: measured, docs/benchmarks.md.)
 #[xdp(frags)]
 pub fn xlb_xdp(ctx: XdpContext) -> u32 {
     match pipeline::process(&context::Xdp(&ctx)) {
