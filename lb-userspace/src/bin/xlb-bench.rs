@@ -49,6 +49,10 @@ struct Cli {
     /// 4 restart); repeatable. Default: all.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=4))]
     part: Vec<u8>,
+    /// Only xlb's programming from cold (part 3's first step, no baselines), for iterating
+    /// on the map writer.
+    #[arg(long)]
+    cold_only: bool,
 }
 
 fn main() -> Result<()> {
@@ -76,6 +80,17 @@ fn main() -> Result<()> {
         }
         if !keep(4) {
             config.restart = None;
+        }
+    }
+    if cli.cold_only {
+        config.per_packet = None;
+        config.traffic = None;
+        config.latency = None;
+        config.agent_services = 0;
+        config.restart = None;
+        if let Some(cold) = &mut config.cold {
+            cold.plan
+                .retain(|p| p.system == bench::control::System::Xlb);
         }
     }
     bench::sys::install_interrupt_handler();
