@@ -168,13 +168,13 @@ fn forget_if_stale_reply(table: &LruHashMap<FlowKey, FlowNat>, reply_key: &FlowK
     let original = reply.other_direction(reply_key.proto);
     // SAFETY: copied out at once.
     let original_state = table
-        .get_ptr(&original)
+        .get_ptr(original)
         .map(|e| unsafe { (*e).state })
         .unwrap_or(0);
     if reply.state < ct_state::CLOSING && original_state < ct_state::CLOSING {
         return;
     }
-    let _ = table.remove(&original);
+    let _ = table.remove(original);
     let _ = table.remove(reply_key);
     count(stat::CT_REOPENED);
 }
@@ -381,7 +381,7 @@ pub fn create(
             reply_key.dport = port.to_be();
             // A port already used towards this backend belongs to another flow, in the
             // established table or (NOEXIST) in the table we insert into.
-            if tcp && CONNTRACK.get_ptr(&reply_key).is_some() {
+            if tcp && CONNTRACK.get_ptr(reply_key).is_some() {
                 continue;
             }
             if table.insert(reply_key, reply, BPF_NOEXIST as u64).is_ok() {

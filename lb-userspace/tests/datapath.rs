@@ -710,3 +710,58 @@ fn s30_udp_flow_to_a_removed_backend_moves_on_its_next_packet_tcp_stays() {
         tcp_backend
     );
 }
+
+/// `BPF_MAP_UPDATE_BATCH` on the real maps: a batch larger than one bpf(2) call's worth
+/// arrives whole, and one that fails partway says which map and how far it got, with the
+/// entries before the failure written.
+#[test]
+fn batch_update_writes_every_entry_and_reports_where_it_stopped() {
+    use aya::maps::{Array, HashMap, Map, MapData};
+    use lb_common::map_name;
+    use xlb::datapath::batch;
+
+    let Some(mut fx) = Fixture::load("batch_update") else {
+        return;
+    };
+    let n = 40_000u32;
+    let keys: Vec<lb_common::MemberKey> = (0..n)
+        .map(|i| lb_common::MemberKey {
+            set: 7,
+            addr: (0x0a00_0000 + i).to_be(),
+            port: 80u16.to_be(),
+            _pad: 0,
+        })
+        .collect();
+    let values: Vec<u32> = (0..n).collect();
+    let data = MapData::from_pin(fx.pin.join(map_name::MEMBERS)).unwrap();
+    batch::update(&data, map_name::MEMBERS, &keys, &values).unwrap();
+    let members: HashMap<MapData, lb_common::MemberKey, u32> =
+        HashMap::try_from(Map::HashMap(data)).unwrap();
+    let read: BTreeMap<u32, u32> = members
+        .iter()
+        .map(Result::unwrap)
+        .filter(|(k, _)| k.set == 7)
+        .map(|(k, v)| (u32::from_be(k.addr) - 0x0a00_0000, v))
+        .collect();
+    assert_eq!(read.len(), n as usize, "every entry written");
+    assert!(read.iter().all(|(i, v)| i == v), "each key has its value");
+
+    // The config array has one slot: index 0 is written, index 1 does not exist.
+    let mut config = fx.writer().config().unwrap();
+    config.snat_port_min = 40_000;
+    let data = MapData::from_pin(fx.pin.join(map_name::CONFIG)).unwrap();
+    let err = batch::update(&data, map_name::CONFIG, &[0u32, 1, 0], &[config; 3]).unwrap_err();
+    assert_eq!((err.map, err.written, err.total), (map_name::CONFIG, 1, 3));
+    let message = err.to_string();
+    assert!(
+        message.contains(map_name::CONFIG) && message.contains("after 1 of 3"),
+        "{message}"
+    );
+    let array: Array<MapData, lb_common::DatapathConfig> =
+        Array::try_from(Map::Array(data)).unwrap();
+    assert_eq!(
+        array.get(&0, 0).unwrap().snat_port_min,
+        40_000,
+        "entry 0 written"
+    );
+}

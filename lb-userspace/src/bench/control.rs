@@ -96,6 +96,9 @@ pub struct ColdRow {
     pub verified: Option<Verified>,
     /// xlb: time to load and verify the programs and create the maps, before the apply.
     pub load_seconds: Vec<f64>,
+    /// xlb: CPU time (user + kernel) of the apply, one per finished round: unlike
+    /// `seconds`, not inflated when other processes compete for the CPUs.
+    pub cpu_seconds: Vec<f64>,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
@@ -168,6 +171,7 @@ pub fn cold(cfg: &ColdConfig) -> Result<ColdResults> {
                     loader_peak_rss_kib: None,
                     verified: None,
                     load_seconds: Vec::new(),
+                    cpu_seconds: Vec::new(),
                 });
                 let verify = row.verified.is_none();
                 let outcome = match system {
@@ -183,8 +187,12 @@ pub fn cold(cfg: &ColdConfig) -> Result<ColdResults> {
                         if system == System::Xlb {
                             xlb_by_round.insert((n, round), seconds);
                         }
+                        let cpu = match (system, row.cpu_seconds.last()) {
+                            (System::Xlb, Some(cpu)) => format!(" ({cpu:.3} s of CPU)"),
+                            _ => String::new(),
+                        };
                         say(format!(
-                            "cold: {} with {n} services, round {}/{rounds_of}: {seconds:.3} s",
+                            "cold: {} with {n} services, round {}/{rounds_of}: {seconds:.3} s{cpu}",
                             system.short(),
                             round + 1
                         ));
@@ -234,8 +242,10 @@ fn cold_xlb(n: usize, endpoints: usize, row: &mut ColdRow) -> Result<Option<f64>
     writer.write_config(&synth::datapath_config())?;
     row.load_seconds.push(started.elapsed().as_secs_f64());
     let started = Instant::now();
+    let cpu_started = thread_cpu_seconds();
     let applied = writer.apply(&desired)?;
     let seconds = started.elapsed().as_secs_f64();
+    row.cpu_seconds.push(thread_cpu_seconds() - cpu_started);
     ensure!(
         // Each service: its port, and its ClusterIP's other ports (refused, S04).
         applied.sets_created == 2 * n && applied.frontends_written == 2 * n,
@@ -266,6 +276,17 @@ fn cold_xlb(n: usize, endpoints: usize, row: &mut ColdRow) -> Result<Option<f64>
     drop(writer);
     drop(datapath);
     Ok(Some(seconds))
+}
+
+/// CPU time of the calling thread, user and kernel, s.
+fn thread_cpu_seconds() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: plain syscall writing one timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
 /// kube-proxy's first sync of `n` services, loaded by the real tool in a fresh namespace.

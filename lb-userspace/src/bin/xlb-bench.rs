@@ -66,6 +66,10 @@ struct Cli {
     /// Part 2 rounds instead of the mode's.
     #[arg(long, value_name = "N")]
     traffic_rounds: Option<usize>,
+    /// Only xlb's programming from cold (part 3's first step, no baselines), for iterating
+    /// on the map writer.
+    #[arg(long)]
+    cold_only: bool,
 }
 
 fn parse_system(s: &str) -> Result<Proxy, String> {
@@ -135,6 +139,17 @@ fn main() -> Result<()> {
         }
         if let Some(rounds) = cli.traffic_rounds {
             traffic.rounds = rounds;
+        }
+    }
+    if cli.cold_only {
+        config.per_packet = None;
+        config.traffic = None;
+        config.latency = None;
+        config.agent_services = 0;
+        config.restart = None;
+        if let Some(cold) = &mut config.cold {
+            cold.plan
+                .retain(|p| p.system == bench::control::System::Xlb);
         }
     }
     bench::sys::install_interrupt_handler();

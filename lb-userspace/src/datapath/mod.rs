@@ -3,6 +3,7 @@
 //! garbage collector (`conntrack_gc`), and upgrades across map layouts (`migrate`).
 use clap::ValueEnum;
 
+pub mod batch;
 pub mod conntrack_gc;
 mod loader;
 pub mod migrate;

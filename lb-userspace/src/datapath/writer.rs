@@ -13,7 +13,7 @@ use anyhow::{Context, Result};
 use aya::{
     maps::{
         lpm_trie::{Key, LpmTrie},
-        Array, HashMap, MapData,
+        Array, HashMap, IterableMap, MapData,
     },
     Ebpf,
 };
@@ -23,6 +23,7 @@ use lb_common::{
 };
 use tracing::warn;
 
+use super::batch;
 use crate::model::{maglev, BackendSetName, DesiredState, Ipv4Cidr, StateDelta};
 
 /// A backend set as installed in the maps.
@@ -35,6 +36,28 @@ struct InstalledSet {
     table_size: u32,
 }
 
+/// A set being written: a new one (`old` None) or a new generation of an installed one.
+struct PendingSet {
+    name: BackendSetName,
+    id: u32,
+    generation: u32,
+    backends: Vec<Backend>,
+    /// Maglev table size; 0 for none (also when the table could not be written).
+    table_size: u32,
+    old: Option<InstalledSet>,
+}
+
+/// Membership entries a pending set adds.
+fn joining_members(p: &PendingSet) -> Vec<MemberKey> {
+    let old: BTreeSet<MemberKey> = p
+        .old
+        .iter()
+        .flat_map(|o| o.backends.iter().map(|b| member(o.id, b)))
+        .collect();
+    let new: BTreeSet<MemberKey> = p.backends.iter().map(|b| member(p.id, b)).collect();
+    new.difference(&old).copied().collect()
+}
+
 /// What one `apply` changed, for logs and metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ApplyStats {
@@ -43,7 +66,7 @@ pub struct ApplyStats {
     pub sets_deleted: usize,
     pub frontends_written: usize,
     pub frontends_deleted: usize,
-    /// Map update/delete syscalls issued.
+    /// Map entries written or deleted (written in batches: far fewer syscalls).
     pub map_ops: usize,
     /// Maglev table chunks written (included in `map_ops`).
     pub maglev_chunks_written: usize,
@@ -316,119 +339,39 @@ impl MapWriter {
     ) -> Result<ApplyStats> {
         let mut stats = ApplyStats::default();
 
-        // 1. Backend sets: new ones, and new generations of changed ones.
+        // 1. Backend sets: new ones, and new generations of changed ones, each kind of
+        // entry in one batch for all sets: slots, tables and new members first, then the
+        // set entries that publish them (a create, or the switch to the new generation).
+        let mut pending: Vec<PendingSet> = Vec::new();
         for (name, backends) in set_names
             .iter()
             .filter_map(|name| desired.backend_sets.get_key_value(name))
         {
             let wanted_size = self.wanted_table_size(desired, name, backends);
-            match self.sets.get(name).cloned() {
-                None => {
-                    let id = self.alloc_id();
-                    self.write_slots(id, 0, backends, &mut stats)?;
-                    let table_size = self.write_table(id, 0, backends, wanted_size, &mut stats);
-                    self.backend_sets
-                        .insert(
-                            id,
-                            BackendSet {
-                                count: backends.len() as u32,
-                                generation: 0,
-                                table_size: table_size as u16,
-                            },
-                            0,
-                        )
-                        .with_context(|| format!("creating backend set {name}"))?;
-                    self.set_names
-                        .insert(id, SetName::new(name), 0)
-                        .context("writing set name")?;
-                    stats.map_ops += 2;
-                    for b in backends {
-                        self.members
-                            .insert(member(id, b), 0, 0)
-                            .context("writing set member")?;
-                        stats.map_ops += 1;
-                    }
-                    stats.sets_created += 1;
-                    self.sets.insert(
-                        name.clone(),
-                        InstalledSet {
-                            id,
-                            generation: 0,
-                            backends: backends.clone(),
-                            table_size,
-                        },
-                    );
-                }
+            let old = match self.sets.get(name) {
+                None => None,
                 Some(installed)
                     if installed.backends != *backends || installed.table_size != wanted_size =>
                 {
-                    let generation = 1 - installed.generation;
-                    self.write_slots(installed.id, generation, backends, &mut stats)?;
-                    let table_size = self.write_table(
-                        installed.id,
-                        generation,
-                        backends,
-                        wanted_size,
-                        &mut stats,
-                    );
-                    let old: BTreeSet<MemberKey> = installed
-                        .backends
-                        .iter()
-                        .map(|b| member(installed.id, b))
-                        .collect();
-                    let new: BTreeSet<MemberKey> =
-                        backends.iter().map(|b| member(installed.id, b)).collect();
-                    for key in new.difference(&old) {
-                        self.members
-                            .insert(key, 0, 0)
-                            .context("writing set member")?;
-                        stats.map_ops += 1;
-                    }
-                    // The switch: one atomic value replacement.
-                    self.backend_sets
-                        .insert(
-                            installed.id,
-                            BackendSet {
-                                count: backends.len() as u32,
-                                generation: generation as u16,
-                                table_size: table_size as u16,
-                            },
-                            0,
-                        )
-                        .with_context(|| format!("switching backend set {name}"))?;
-                    stats.map_ops += 1;
-                    // The old table before its slots: a reader that still holds the old
-                    // generation and misses its chunk falls back to `hash % count` over slots
-                    // that are still there.
-                    self.delete_table(
-                        installed.id,
-                        installed.generation,
-                        installed.table_size,
-                        &mut stats,
-                    );
-                    self.delete_slots(
-                        installed.id,
-                        installed.generation,
-                        installed.backends.len(),
-                        &mut stats,
-                    );
-                    for key in old.difference(&new) {
-                        remove_quietly(&mut self.members, key);
-                        stats.map_ops += 1;
-                    }
-                    stats.sets_updated += 1;
-                    self.sets.insert(
-                        name.clone(),
-                        InstalledSet {
-                            id: installed.id,
-                            generation,
-                            backends: backends.clone(),
-                            table_size,
-                        },
-                    );
+                    Some(installed.clone())
                 }
-                Some(_) => {}
-            }
+                Some(_) => continue,
+            };
+            let (id, generation) = match &old {
+                Some(installed) => (installed.id, 1 - installed.generation),
+                None => (self.alloc_id(), 0),
+            };
+            pending.push(PendingSet {
+                name: name.clone(),
+                id,
+                generation,
+                backends: backends.clone(),
+                table_size: wanted_size,
+                old,
+            });
+        }
+        if !pending.is_empty() {
+            self.write_sets(&mut pending, &mut stats)?;
         }
 
         for key in std::mem::take(&mut self.missing_members) {
@@ -457,6 +400,8 @@ impl MapWriter {
             self.ranges.insert((*key, *cidr));
             stats.map_ops += 1;
         }
+        let mut frontend_keys_out = Vec::new();
+        let mut frontend_values = Vec::new();
         for (key, frontend) in frontend_keys
             .iter()
             .filter_map(|key| desired.frontends.get_key_value(key))
@@ -480,14 +425,26 @@ impl MapWriter {
                 affinity_timeout: frontend.affinity_timeout,
             };
             if self.frontends.get(key) != Some(&value) {
-                self.services
-                    .insert(key, value, 0)
-                    .context("writing frontend")?;
-                self.frontends.insert(*key, value);
-                stats.map_ops += 1;
-                stats.frontends_written += 1;
+                frontend_keys_out.push(*key);
+                frontend_values.push(value);
             }
         }
+        let result = batch::update(
+            self.services.map(),
+            map_name::SERVICES,
+            &frontend_keys_out,
+            &frontend_values,
+        );
+        let written = result
+            .as_ref()
+            .map_or_else(|e| e.written, |()| frontend_keys_out.len());
+        // The mirror holds what was written, also when the batch stopped partway.
+        for (key, value) in frontend_keys_out.iter().zip(&frontend_values).take(written) {
+            self.frontends.insert(*key, *value);
+        }
+        stats.map_ops += written;
+        stats.frontends_written += written;
+        result.context("writing frontends")?;
 
         // 3. Frontends that are gone, before the sets they point at.
         let gone: Vec<ServiceKey> = frontend_keys
@@ -568,56 +525,203 @@ impl MapWriter {
         Ok(stats)
     }
 
-    fn write_slots(
-        &mut self,
-        id: u32,
-        generation: u32,
-        backends: &[Backend],
-        stats: &mut ApplyStats,
-    ) -> Result<()> {
-        for (index, backend) in backends.iter().enumerate() {
-            self.backends
-                .insert(BackendSlot::new(id, generation, index as u32), backend, 0)
-                .context("writing backend slot (is the backends map full?)")?;
-            stats.map_ops += 1;
+    /// Writes `pending` (new sets and new generations of changed ones) so that readers never
+    /// see a half-written set: every slot, table chunk and joining member of every set is
+    /// in the maps before the set entries that publish them, each kind in one batch. Then
+    /// the old generations go, table before slots. Updates the mirror for every set it
+    /// published; on an error, removes again what sets it did not publish had written and
+    /// frees their ids, so that the maps and the mirror agree.
+    fn write_sets(&mut self, pending: &mut [PendingSet], stats: &mut ApplyStats) -> Result<()> {
+        let mut slot_keys = Vec::new();
+        let mut slot_values = Vec::new();
+        for p in pending.iter() {
+            for (index, backend) in p.backends.iter().enumerate() {
+                slot_keys.push(BackendSlot::new(p.id, p.generation, index as u32));
+                slot_values.push(*backend);
+            }
+        }
+        if let Err(e) = batch::update(
+            self.backends.map(),
+            map_name::BACKENDS,
+            &slot_keys,
+            &slot_values,
+        ) {
+            stats.map_ops += e.written;
+            self.unwind(pending, stats);
+            return Err(anyhow::Error::new(e).context("writing backend slots (map full?)"));
+        }
+        stats.map_ops += slot_keys.len();
+        drop((slot_keys, slot_values));
+
+        self.write_tables(pending, stats);
+
+        let mut joining = Vec::new();
+        for p in pending.iter() {
+            joining.extend(joining_members(p));
+        }
+        let zeros = vec![0u32; joining.len()];
+        if let Err(e) = batch::update(self.members.map(), map_name::MEMBERS, &joining, &zeros) {
+            stats.map_ops += e.written;
+            self.unwind(pending, stats);
+            return Err(anyhow::Error::new(e).context("writing set members"));
+        }
+        stats.map_ops += joining.len();
+
+        // Names are for `xlb services` and adoption; the datapath never reads them.
+        let (name_keys, name_values): (Vec<u32>, Vec<SetName>) = pending
+            .iter()
+            .filter(|p| p.old.is_none())
+            .map(|p| (p.id, SetName::new(&p.name)))
+            .unzip();
+        if let Err(e) = batch::update(
+            self.set_names.map(),
+            map_name::SET_NAMES,
+            &name_keys,
+            &name_values,
+        ) {
+            stats.map_ops += e.written;
+            self.unwind(pending, stats);
+            return Err(anyhow::Error::new(e).context("writing set names"));
+        }
+        stats.map_ops += name_keys.len();
+
+        // The publication: per set, one atomic value write (a create, or the switch of
+        // generation), in order.
+        let set_keys: Vec<u32> = pending.iter().map(|p| p.id).collect();
+        let set_values: Vec<BackendSet> = pending
+            .iter()
+            .map(|p| BackendSet {
+                count: p.backends.len() as u32,
+                generation: p.generation as u16,
+                table_size: p.table_size as u16,
+            })
+            .collect();
+        let result = batch::update(
+            self.backend_sets.map(),
+            map_name::BACKEND_SETS,
+            &set_keys,
+            &set_values,
+        );
+        let published = result
+            .as_ref()
+            .map_or_else(|e| e.written, |()| pending.len());
+        stats.map_ops += published;
+        let (done, not_done) = pending.split_at_mut(published);
+        for p in done {
+            self.publish(p, stats);
+        }
+        if let Err(e) = result {
+            self.unwind(not_done, stats);
+            return Err(anyhow::Error::new(e).context("writing backend sets"));
         }
         Ok(())
     }
 
-    /// Writes the Maglev table of `backends` (size `m`, 0 for none) into `generation` of
-    /// set `id`, whole: a membership change moves about 2·M/N of the M entries, spread over
-    /// the whole table, so nearly every chunk changes anyway (docs/datapath.md). Returns the
-    /// size written; 0 when the table could not be written (map full), so that the set falls
-    /// back to `hash % count` instead of failing.
-    fn write_table(
-        &mut self,
-        id: u32,
-        generation: u32,
-        backends: &[Backend],
-        m: u32,
-        stats: &mut ApplyStats,
-    ) -> u32 {
-        if m == 0 {
-            return 0;
+    /// The mirror takes a published set; its old generation, if any, goes: table before
+    /// slots, since a reader that still holds the old generation and misses its chunk
+    /// falls back to `hash % count` over slots that are still there.
+    fn publish(&mut self, p: &mut PendingSet, stats: &mut ApplyStats) {
+        if let Some(old) = &p.old {
+            self.delete_table(old.id, old.generation, old.table_size, stats);
+            self.delete_slots(old.id, old.generation, old.backends.len(), stats);
+            let staying: BTreeSet<MemberKey> = p.backends.iter().map(|b| member(p.id, b)).collect();
+            for b in &old.backends {
+                let key = member(old.id, b);
+                if !staying.contains(&key) {
+                    remove_quietly(&mut self.members, &key);
+                    stats.map_ops += 1;
+                }
+            }
+            stats.sets_updated += 1;
+        } else {
+            stats.sets_created += 1;
         }
-        let table = maglev::backend_table(backends, m);
-        for (chunk, entries) in table.chunks(MAGLEV_CHUNK as usize).enumerate() {
-            let mut value = MaglevChunk {
-                backends: [0; MAGLEV_CHUNK as usize],
+        self.sets.insert(
+            p.name.clone(),
+            InstalledSet {
+                id: p.id,
+                generation: p.generation,
+                backends: std::mem::take(&mut p.backends),
+                table_size: p.table_size,
+            },
+        );
+    }
+
+    /// Removes what sets that were not published wrote (or may have: a key not written is
+    /// not found, which is fine), and frees the ids of new ones.
+    fn unwind(&mut self, pending: &[PendingSet], stats: &mut ApplyStats) {
+        for p in pending {
+            self.delete_table(p.id, p.generation, p.table_size, stats);
+            self.delete_slots(p.id, p.generation, p.backends.len(), stats);
+            for key in joining_members(p) {
+                remove_quietly(&mut self.members, &key);
+                stats.map_ops += 1;
+            }
+            if p.old.is_none() {
+                remove_quietly(&mut self.set_names, &p.id);
+                stats.map_ops += 1;
+                self.free_ids.push(p.id);
+            }
+        }
+    }
+
+    /// Writes the Maglev tables of `pending` (size `table_size`, 0 for none) into their new
+    /// generations, whole: a membership change moves about 2·M/N of the M entries, spread
+    /// over the whole table, so nearly every chunk changes anyway (docs/datapath.md). A
+    /// table that cannot be written (map full) is removed again and its set's `table_size`
+    /// set to 0, so that the set balances by `hash % count` instead of failing.
+    fn write_tables(&mut self, pending: &mut [PendingSet], stats: &mut ApplyStats) {
+        let mut keys = Vec::new();
+        let mut values = Vec::new();
+        // (index in `pending`, its chunks in `keys`)
+        let mut tables: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
+        for (i, p) in pending.iter().enumerate() {
+            if p.table_size == 0 {
+                continue;
+            }
+            let start = keys.len();
+            let table = maglev::backend_table(&p.backends, p.table_size);
+            for (chunk, entries) in table.chunks(MAGLEV_CHUNK as usize).enumerate() {
+                let mut value = MaglevChunk {
+                    backends: [0; MAGLEV_CHUNK as usize],
+                };
+                for (to, from) in value.backends.iter_mut().zip(entries) {
+                    *to = *from as u16;
+                }
+                keys.push(MaglevKey::new(p.id, p.generation, chunk as u32));
+                values.push(value);
+            }
+            tables.push((i, start..keys.len()));
+        }
+        let mut next = 0;
+        while let Some((_, range)) = tables.get(next) {
+            let first = range.start;
+            let Err(e) = batch::update(
+                self.maglev.map(),
+                map_name::MAGLEV,
+                &keys[first..],
+                &values[first..],
+            ) else {
+                stats.map_ops += keys.len() - first;
+                stats.maglev_chunks_written += keys.len() - first;
+                break;
             };
-            for (to, from) in value.backends.iter_mut().zip(entries) {
-                *to = *from as u16;
-            }
-            let key = MaglevKey::new(id, generation, chunk as u32);
-            stats.map_ops += 1;
-            if let Err(e) = self.maglev.insert(key, value, 0) {
-                warn!(set = id, error = %e, "Maglev table not written (map full?); the set balances by hash % count");
-                self.delete_table(id, generation, m, stats);
-                return 0;
-            }
-            stats.maglev_chunks_written += 1;
+            let failed_at = first + e.written;
+            stats.map_ops += e.written + 1;
+            let failed = next
+                + tables[next..]
+                    .iter()
+                    .position(|(_, r)| r.contains(&failed_at))
+                    .expect("the batch stopped inside a table");
+            let (i, range) = tables[failed].clone();
+            stats.maglev_chunks_written += range.start - first;
+            let p = &mut pending[i];
+            warn!(set = p.id, error = %e, "Maglev table not written (map full?); the set balances by hash % count");
+            let (id, generation, m) = (p.id, p.generation, p.table_size);
+            p.table_size = 0;
+            self.delete_table(id, generation, m, stats);
+            next = failed + 1;
         }
-        m
     }
 
     fn delete_table(&mut self, id: u32, generation: u32, m: u32, stats: &mut ApplyStats) {

@@ -106,20 +106,29 @@ pub fn table(backends: &[Vec<u8>], m: u32) -> Vec<u32> {
             (offset, skip)
         })
         .collect();
-    let mut next = vec![0u64; n];
+    // Each backend's position in its permutation `(offset + j·skip) mod M`, advanced by
+    // one addition and at most one subtraction (offset, skip < M) instead of a division:
+    // the division was most of the cost of a table.
+    let mut pos: Vec<u64> = prefs.iter().map(|(offset, _)| *offset).collect();
     let mut table = vec![u32::MAX; m as usize];
     let mut filled = 0u32;
     'fill: loop {
         for i in 0..n {
-            let (offset, skip) = prefs[i];
+            let skip = prefs[i].1;
+            let advance = |p: u64| {
+                if p + skip >= m64 {
+                    p + skip - m64
+                } else {
+                    p + skip
+                }
+            };
             // The next slot in backend i's permutation that is still free.
-            let mut slot = (offset + next[i] * skip) % m64;
+            let mut slot = pos[i];
             while table[slot as usize] != u32::MAX {
-                next[i] += 1;
-                slot = (offset + next[i] * skip) % m64;
+                slot = advance(slot);
             }
             table[slot as usize] = i as u32;
-            next[i] += 1;
+            pos[i] = advance(slot);
             filled += 1;
             if filled == m {
                 break 'fill;
@@ -199,6 +208,51 @@ mod tests {
         }
         let max = *load.values().max().unwrap() as f64;
         max / (assigned.len() as f64 / n as f64) - 1.0
+    }
+
+    /// The paper's population loop, with the permutation computed by its formula.
+    fn reference_table(backends: &[Vec<u8>], m: u32) -> Vec<u32> {
+        let m64 = u64::from(m);
+        let prefs: Vec<(u64, u64)> = backends
+            .iter()
+            .map(|id| {
+                let offset = fnv1a(0xcbf2_9ce4_8422_2325, id) % m64;
+                let skip = fnv1a(0x84222325_cbf29ce4, id) % (m64 - 1) + 1;
+                (offset, skip)
+            })
+            .collect();
+        let mut next = vec![0u64; backends.len()];
+        let mut table = vec![u32::MAX; m as usize];
+        let mut filled = 0;
+        while filled < m {
+            for (i, (offset, skip)) in prefs.iter().enumerate() {
+                let mut slot = (offset + next[i] * skip) % m64;
+                while table[slot as usize] != u32::MAX {
+                    next[i] += 1;
+                    slot = (offset + next[i] * skip) % m64;
+                }
+                table[slot as usize] = i as u32;
+                next[i] += 1;
+                filled += 1;
+                if filled == m {
+                    break;
+                }
+            }
+        }
+        table
+    }
+
+    #[test]
+    fn the_table_is_the_papers_permutation_formula() {
+        for n in [1, 2, 10, 100] {
+            for m in [251, 1021, 65521] {
+                assert_eq!(
+                    table(&ids(n), m),
+                    reference_table(&ids(n), m),
+                    "n {n} m {m}"
+                );
+            }
+        }
     }
 
     #[test]
