@@ -165,18 +165,26 @@ fn forget_if_stale_reply(table: &LruHashMap<FlowKey, FlowNat>, reply_key: &FlowK
     if reply.flags & FLOW_F_REPLY == 0 {
         return;
     }
-    let original = reply.other_direction(reply_key.proto);
+    forget_if_closing(table, reply_key, &reply);
+}
+
+/// Forgets the flow of `entry` (at `key` in `table`), both directions, when either direction
+/// is closing or closed (`ct_reopened`). Returns whether it did.
+#[inline(always)]
+fn forget_if_closing(table: &LruHashMap<FlowKey, FlowNat>, key: &FlowKey, entry: &FlowNat) -> bool {
+    let other = entry.other_direction(key.proto);
     // SAFETY: copied out at once.
-    let original_state = table
-        .get_ptr(original)
+    let other_state = table
+        .get_ptr(other)
         .map(|e| unsafe { (*e).state })
         .unwrap_or(0);
-    if reply.state < ct_state::CLOSING && original_state < ct_state::CLOSING {
-        return;
+    if entry.state < ct_state::CLOSING && other_state < ct_state::CLOSING {
+        return false;
     }
-    let _ = table.remove(original);
-    let _ = table.remove(reply_key);
+    let _ = table.remove(other);
+    let _ = table.remove(key);
     count(stat::CT_REOPENED);
+    true
 }
 
 /// Moves the state forward for a TCP flag (never back): RST closes, FIN starts closing.
@@ -211,19 +219,7 @@ fn reopens(
     if flags & (TCP_SYN | TCP_ACK) != TCP_SYN || entry.flags & FLOW_F_ORIGINAL == 0 {
         return false;
     }
-    let other = entry.other_direction(flow.proto);
-    // SAFETY: copied out at once.
-    let other_state = table
-        .get_ptr(other)
-        .map(|e| unsafe { (*e).state })
-        .unwrap_or(0);
-    if entry.state < ct_state::CLOSING && other_state < ct_state::CLOSING {
-        return false;
-    }
-    let _ = table.remove(other);
-    let _ = table.remove(flow);
-    count(stat::CT_REOPENED);
-    true
+    forget_if_closing(table, flow, entry)
 }
 
 /// The client's first packet after the backend answered completes the handshake: both

@@ -246,6 +246,15 @@ fn web_service() -> DesiredState {
     desired
 }
 
+/// What `xlb services` shows for VIP:80.
+fn web_row(fx: &Fixture) -> xlb::datapath::reader::ServiceRow {
+    xlb::datapath::reader::services(&fx.pin)
+        .unwrap()
+        .into_iter()
+        .find(|r| r.ip == VIP && r.port == 80)
+        .expect("VIP:80")
+}
+
 fn web_backends() -> Vec<String> {
     vec![format!("{BACKEND}:8080"), format!("{BACKEND2}:8080")]
 }
@@ -291,11 +300,7 @@ fn backend_sets_of_the_v1_layout_are_carried_over_before_the_first_apply() {
 
     // Before any apply, the new programs already balance the service with the carried-over
     // set (no Maglev table yet: hash % count), and the writer adopted it.
-    let rows = xlb::datapath::reader::services(&fx.pin).unwrap();
-    let web = rows
-        .iter()
-        .find(|r| r.ip == VIP && r.port == 80)
-        .expect("VIP:80");
+    let web = web_row(&fx);
     assert_eq!(web.backends, web_backends());
     assert_eq!(web.maglev_table_size, 0);
     let (verdict, out) = fx.run_xdp(&tcp_syn(CLIENT, 40001, VIP, 80));
@@ -304,11 +309,7 @@ fn backend_sets_of_the_v1_layout_are_carried_over_before_the_first_apply() {
 
     // The first apply is a diff against the adopted set: same backends, a Maglev table added.
     let stats = fx.writer().apply(&web_service()).expect("apply");
-    let rows = xlb::datapath::reader::services(&fx.pin).unwrap();
-    let web = rows
-        .iter()
-        .find(|r| r.ip == VIP && r.port == 80)
-        .expect("VIP:80");
+    let web = web_row(&fx);
     assert_eq!(web.backends, web_backends());
     assert_ne!(web.maglev_table_size, 0, "table written: {stats:?}");
     assert_eq!(stats.sets_created, 0, "the adopted set is kept: {stats:?}");
