@@ -765,3 +765,85 @@ fn batch_update_writes_every_entry_and_reports_where_it_stopped() {
         "entry 0 written"
     );
 }
+
+/// A first apply (many sets: their Maglev tables are computed on a second thread) that fills
+/// a map partway publishes nothing and leaves nothing behind: every slot, table chunk,
+/// member and name it wrote is removed again. Once there is room, the same apply succeeds.
+#[test]
+fn a_cold_apply_that_fills_a_map_leaves_nothing_half_written() {
+    use aya::{
+        maps::{HashMap, Map, MapData},
+        Pod,
+    };
+    use lb_common::{
+        map_name, BackendSet, BackendSlot, MaglevChunk, MaglevKey, MemberKey, ServiceValue, SetName,
+    };
+    use xlb::{bench::synth, datapath::batch};
+
+    fn entries<K: Pod, V: Pod>(pin: &std::path::Path, name: &str) -> usize {
+        let data = MapData::from_pin(pin.join(name)).unwrap();
+        let map: HashMap<MapData, K, V> = HashMap::try_from(Map::HashMap(data)).unwrap();
+        map.keys().count()
+    }
+
+    let Some(mut fx) = Fixture::load("apply_map_full") else {
+        return;
+    };
+    // Room for 150 of the 200 set names the apply writes (100 services: one set with a
+    // Maglev table each, one empty set for the other ports).
+    let names_capacity = MapData::from_pin(fx.pin.join(map_name::SET_NAMES))
+        .unwrap()
+        .info()
+        .unwrap()
+        .max_entries() as usize;
+    let junk_ids: Vec<u32> = (0..(names_capacity - 150) as u32)
+        .map(|i| 0x8000_0000 | i)
+        .collect();
+    let junk_names = vec![SetName::new("junk"); junk_ids.len()];
+    let names = MapData::from_pin(fx.pin.join(map_name::SET_NAMES)).unwrap();
+    batch::update(&names, map_name::SET_NAMES, &junk_ids, &junk_names).unwrap();
+
+    let desired = synth::desired(100, 10);
+    let err = fx.writer().apply(&desired).unwrap_err();
+    let message = format!("{err:#}");
+    assert!(
+        message.contains("writing set names") && message.contains(map_name::SET_NAMES),
+        "{message}"
+    );
+    let pin = fx.pin.clone();
+    let left = [
+        entries::<ServiceKey, ServiceValue>(&pin, map_name::SERVICES),
+        entries::<u32, BackendSet>(&pin, map_name::BACKEND_SETS),
+        entries::<BackendSlot, Backend>(&pin, map_name::BACKENDS),
+        entries::<MemberKey, u32>(&pin, map_name::MEMBERS),
+        entries::<MaglevKey, MaglevChunk>(&pin, map_name::MAGLEV),
+    ];
+    assert_eq!(
+        left, [0; 5],
+        "frontends, sets, slots, members, chunks left behind"
+    );
+    assert_eq!(
+        entries::<u32, SetName>(&pin, map_name::SET_NAMES),
+        junk_ids.len(),
+        "only the junk names stay"
+    );
+
+    let mut junk: HashMap<MapData, u32, SetName> = HashMap::try_from(Map::HashMap(names)).unwrap();
+    for id in &junk_ids {
+        junk.remove(id).unwrap();
+    }
+    let applied = fx.writer().apply(&desired).unwrap();
+    assert_eq!(
+        (applied.sets_created, applied.frontends_written),
+        (200, 200)
+    );
+    let services = xlb::datapath::reader::services(&fx.pin).unwrap();
+    let served: Vec<_> = services.iter().filter(|s| s.port != 0).collect();
+    assert_eq!(served.len(), 100);
+    assert!(served.iter().all(|s| s.backends.len() == 10));
+    assert_eq!(
+        entries::<MaglevKey, MaglevChunk>(&pin, map_name::MAGLEV),
+        100 * 16,
+        "16 chunks per table of 1021"
+    );
+}

@@ -961,11 +961,15 @@ fn falls_short_section(o: &mut String, r: &BenchResults, goals: &[Goal]) {
             .map_or(0, |row| row.map_ops / COLD_GOAL_SERVICES);
         let _ = writeln!(
             o,
-            "- **Programming from cold: {}** (goal {}). `MapWriter::apply` issues one \
-             `bpf(BPF_MAP_UPDATE_ELEM)` syscall per map entry, {per_service} per service \
-             (each backend slot and set member, the set, its name, the frontend); batched \
-             updates (`BPF_MAP_UPDATE_BATCH`) would take a few syscalls per thousand \
-             entries.\n",
+            "- **Programming from cold: {}** (goal {}). `MapWriter::apply` writes \
+             {per_service} map entries per service (each backend slot and set member, the \
+             Maglev table's chunks, the set, its name, the frontend) in batches \
+             (`BPF_MAP_UPDATE_BATCH`, a few syscalls per thousand entries). In a `perf` \
+             profile about half of the apply is the kernel inserting into its hash tables \
+             (`htab_map_update_elem`, allocating each entry: the maps are created with \
+             BPF_F_NO_PREALLOC) and a fifth is computing the Maglev tables, which run on a \
+             second thread while the first waits for the kernel: on a machine shared with \
+             other work the two threads compete for its two cores.\n",
             goal.measured, goal.target
         );
     }
