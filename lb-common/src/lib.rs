@@ -48,8 +48,11 @@ pub mod map_name {
     pub const FRAGMENTS: &str = "XLB_FRAG_V1";
     /// Maglev lookup tables: (set, generation, chunk) -> 64 backend indexes.
     pub const MAGLEV: &str = "XLB_MAGLEV_V1";
+    /// Interface index -> present: the node-side ends of pod veths, whose pods the TC
+    /// program may deliver to directly (`bpf_redirect_peer`).
+    pub const POD_DEVICES: &str = "XLB_PODDEV_V1";
     /// Every map, for pinning, adoption and clean-up.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         SERVICES,
         BACKEND_SETS,
         BACKENDS,
@@ -64,6 +67,7 @@ pub mod map_name {
         SOCKETS,
         FRAGMENTS,
         MAGLEV,
+        POD_DEVICES,
     ];
 }
 
@@ -97,6 +101,8 @@ pub mod capacity {
     /// Maglev table chunks of the current generations (plus the sets being switched):
     /// 131 072 sets at the default table size of 1021 (16 chunks each). Allocated on demand.
     pub const MAGLEV: u32 = 2_097_152;
+    /// Pod veths on one node (kubelet's default is 110 pods).
+    pub const POD_DEVICES: u32 = 4_096;
 }
 
 pub const IPPROTO_TCP: u8 = 6;
@@ -602,7 +608,11 @@ pub mod stat {
     /// Event, counted besides the packet's verdict: a set's Maglev table chunk was missing
     /// (inconsistent maps), so the new flow was balanced by `hash % count` instead.
     pub const MAGLEV_CHUNK_MISSING: u32 = 31;
-    pub const COUNT: u32 = 32;
+    /// Translated packet delivered straight into a local pod (TC ingress, the FIB names a
+    /// pod veth: `bpf_redirect_peer`), skipping the veth's backlog queue. Counted instead of
+    /// `REDIRECT_FIB`.
+    pub const REDIRECT_PEER: u32 = 32;
+    pub const COUNT: u32 = 33;
     /// Entries of the stats map: new counters fit without a new map layout.
     pub const CAPACITY: u32 = 64;
     const _: () = assert!(COUNT <= CAPACITY);
@@ -641,6 +651,7 @@ pub mod stat {
         "pass_icmp_unknown_flow",
         "pass_icmp_ip_options",
         "maglev_chunk_missing",
+        "redirect_peer",
     ];
 }
 

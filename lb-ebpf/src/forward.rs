@@ -1,14 +1,19 @@
-//! After a TC rewrite: send the packet straight to the egress device a FIB lookup names,
+//! After a TC rewrite: send the packet straight to the egress device a FIB lookup names.
+//! A local pod's veth: into the pod itself (bpf_redirect_peer, the packet enters the pod's
+//! namespace without a pass through the veth's backlog queue); any other device: out of it,
 //! with the kernel resolving the neighbour (bpf_redirect_neigh). Falls back to the stack.
 use aya_ebpf::{
     bindings::{bpf_fib_lookup, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK},
-    helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    helpers::generated::{
+        bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer,
+    },
     programs::TcContext,
 };
 use lb_common::stat;
 
 use crate::{
-    context::{read_at, Tc},
+    context::{ptr_at, read_at, Tc},
+    maps::POD_DEVICES,
     parse::{IP_DADDR_OFF, IP_SADDR_OFF},
     stats::count,
 };
@@ -40,6 +45,28 @@ pub fn redirect_by_fib(ctx: &TcContext) -> i32 {
             0,
         )
     };
+    // A pod's veth, its neighbour known (SUCCESS fills in both MACs): the packet gets the
+    // Ethernet header the veth would have given it and enters the pod directly. Only from
+    // ingress (xlb_tc is attached nowhere else), and only to devices the agent registered:
+    // bpf_redirect_peer needs a device with a peer, which an uplink NIC is not.
+    if rc == BPF_FIB_LKUP_RET_SUCCESS as i64
+        // SAFETY: a map lookup by value; the entry is not used beyond its presence.
+        && unsafe { POD_DEVICES.get(params.ifindex) }.is_some()
+    {
+        if let Some(eth) = ptr_at::<_, [u8; 12]>(&tc, 0) {
+            let mut macs = [0u8; 12];
+            macs[..6].copy_from_slice(&params.dmac);
+            macs[6..].copy_from_slice(&params.smac);
+            // SAFETY: ptr_at checked the 12 bytes lie inside the packet.
+            unsafe { *eth = macs };
+            // SAFETY: plain helper call with integers.
+            let action = unsafe { bpf_redirect_peer(params.ifindex, 0) };
+            if action >= 0 {
+                count(stat::REDIRECT_PEER);
+                return action as i32;
+            }
+        }
+    }
     if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 || rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
         // SAFETY: plain helper call; NULL params make the kernel resolve the next hop itself.
         let action = unsafe { bpf_redirect_neigh(params.ifindex, core::ptr::null_mut(), 0, 0) };

@@ -75,6 +75,11 @@ pub static SOCKETS: LruHashMap<SockPeer, SockFrontend> = LruHashMap::pinned(capa
 pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentNat> =
     LruHashMap::pinned(capacity::FRAGMENTS, 0);
 
+/// Node-side ends of pod veths (ifindex -> 0), written by the agent as it attaches to them:
+/// a translated packet the FIB sends to one of these goes straight into its pod.
+#[map(name = "XLB_PODDEV_V1")]
+pub static POD_DEVICES: HashMap<u32, u32> = HashMap::pinned(capacity::POD_DEVICES, 0);
+
 /// The agent's settings (an all-zero config until it has written one).
 #[inline(always)]
 pub fn config() -> DatapathConfig {

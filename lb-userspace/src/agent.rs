@@ -1,7 +1,7 @@
 //! `xlb run`: wires a source of cluster state to the model and the map writer, attaches
 //! the programs, and keeps pod interfaces attached as they come and go.
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     ffi::CStr,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::PathBuf,
@@ -188,7 +188,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     }
 
     let mut pods = PodInterfaces::new(cfg.pod_interfaces.clone());
-    pods.sync(&mut datapath);
+    pods.sync(&mut datapath, &mut writer);
     // Every hook now runs the new programs: the retired maps can go.
     if !migration.is_empty() {
         migration.finish()?;
@@ -250,7 +250,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                     info!("ready");
                 }
             }
-            _ = rescan.tick() => pods.sync(&mut datapath),
+            _ = rescan.tick() => pods.sync(&mut datapath, &mut writer),
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
         }
@@ -454,11 +454,17 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
 }
 
 /// Pod-facing interfaces: attach TC to every interface matching a pattern, including ones
-/// created after start, and forget ones that disappeared.
+/// created after start, and forget ones that disappeared. The veths among them are
+/// registered in the pod-device map, so that translated packets for their pods go straight
+/// into them (`bpf_redirect_peer`, docs/datapath.md).
 struct PodInterfaces {
     patterns: Vec<String>,
     attached: BTreeSet<String>,
     failed: BTreeSet<String>,
+    /// Interface index of each attached veth.
+    veths: BTreeMap<String, u32>,
+    /// The pod-device map may not hold `veths` (first sync, or a failed write).
+    devices_stale: bool,
 }
 
 impl PodInterfaces {
@@ -467,17 +473,20 @@ impl PodInterfaces {
             patterns,
             attached: BTreeSet::new(),
             failed: BTreeSet::new(),
+            veths: BTreeMap::new(),
+            devices_stale: true,
         }
     }
 
-    fn sync(&mut self, datapath: &mut Datapath) {
-        if self.patterns.is_empty() {
-            return;
-        }
-        let present: BTreeSet<String> = interface_names()
-            .into_iter()
-            .filter(|n| self.patterns.iter().any(|p| glob_match(p, n)))
-            .collect();
+    fn sync(&mut self, datapath: &mut Datapath, writer: &mut MapWriter) {
+        let present: BTreeSet<String> = if self.patterns.is_empty() {
+            BTreeSet::new()
+        } else {
+            interface_names()
+                .into_iter()
+                .filter(|n| self.patterns.iter().any(|p| glob_match(p, n)))
+                .collect()
+        };
         for name in present.difference(&self.attached.clone()) {
             match datapath
                 .attach_tc(name)
@@ -486,6 +495,10 @@ impl PodInterfaces {
                 Ok(()) => {
                     self.attached.insert(name.clone());
                     self.failed.remove(name);
+                    if let Some(ifindex) = veth_index(name) {
+                        self.veths.insert(name.clone(), ifindex);
+                        self.devices_stale = true;
+                    }
                 }
                 Err(e) => {
                     if self.failed.insert(name.clone()) {
@@ -501,9 +514,74 @@ impl PodInterfaces {
         for name in self.attached.clone().difference(&present) {
             info!(interface = name.as_str(), "pod interface gone");
             self.attached.remove(name);
+            self.devices_stale |= self.veths.remove(name).is_some();
             datapath.forget(name);
         }
+        if self.devices_stale {
+            let ifindexes: BTreeSet<u32> = self.veths.values().copied().collect();
+            match writer.set_pod_devices(&ifindexes) {
+                Ok(_) => self.devices_stale = false,
+                // Packets for these pods take the neighbour redirect meanwhile.
+                Err(e) => warn!(
+                    error = format!("{e:#}"),
+                    "registering pod veths failed; will retry"
+                ),
+            }
+        }
     }
+}
+
+/// The interface index of `iface` if it is a veth or netkit device (its driver as
+/// `ethtool -i` names it): only a device with a peer can take `bpf_redirect_peer`.
+fn veth_index(iface: &str) -> Option<u32> {
+    /// `struct ethtool_drvinfo` (linux/ethtool.h).
+    #[repr(C)]
+    struct DriverInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        version: [u8; 32],
+        fw_version: [u8; 32],
+        bus_info: [u8; 32],
+        erom_version: [u8; 32],
+        reserved2: [u8; 12],
+        n_priv_flags: u32,
+        n_stats: u32,
+        testinfo_len: u32,
+        eedump_len: u32,
+        regdump_len: u32,
+    }
+    const ETHTOOL_GDRVINFO: u32 = 0x3;
+    let name = std::ffi::CString::new(iface).ok()?;
+    if name.as_bytes().len() >= libc::IFNAMSIZ {
+        return None;
+    }
+    // SAFETY: plain syscall; the descriptor is owned (closed on drop) from here on.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: fd is a fresh descriptor nobody else owns.
+    let _fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: all-zero is a valid value of both plain C structs.
+    let mut info: DriverInfo = unsafe { std::mem::zeroed() };
+    info.cmd = ETHTOOL_GDRVINFO;
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (to, from) in request.ifr_name.iter_mut().zip(name.as_bytes()) {
+        *to = *from as libc::c_char;
+    }
+    request.ifr_ifru.ifru_data = (&mut info as *mut DriverInfo).cast();
+    // SAFETY: SIOCETHTOOL with a request naming the interface and pointing at `info`,
+    // which outlives the call.
+    if unsafe { libc::ioctl(fd, libc::SIOCETHTOOL, &mut request) } != 0 {
+        return None;
+    }
+    let driver = CStr::from_bytes_until_nul(&info.driver).ok()?.to_bytes();
+    if driver != b"veth" && driver != b"netkit" {
+        return None;
+    }
+    // SAFETY: a NUL-terminated name.
+    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (ifindex != 0).then_some(ifindex)
 }
 
 #[cfg(test)]

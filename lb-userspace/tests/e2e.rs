@@ -335,6 +335,38 @@ fn uplinks_in_tc_mode_serve_nodeport_and_clusterip() {
     // The uplink really runs the TC program (tcx), not XDP.
     let node1 = c.tb.node("node1").netns.clone();
     assert_eq!(tcx_programs(&c, &node1, "eth0"), vec!["xlb_tc".to_string()]);
+    // Translated packets for local pods went straight into them: NodePort requests to
+    // each node's own pods, and on node1 the replies to pod-c's ClusterIP requests.
+    for node in ["node1", "node2"] {
+        let stats = xlb_json(&["stats"], &c.tb.node(node).pin_path);
+        assert!(
+            stats["redirect_peer"].as_u64().unwrap() > 0,
+            "no packet delivered by bpf_redirect_peer on {node}: {stats}"
+        );
+    }
+}
+
+/// What the pod-device map of `node` holds (interface indexes).
+fn pod_devices(c: &Cluster, node: &str) -> BTreeSet<u32> {
+    use aya::maps::{HashMap, Map, MapData};
+    let data = MapData::from_pin(
+        c.tb.node(node)
+            .pin_path
+            .join(lb_common::map_name::POD_DEVICES),
+    )
+    .expect("pod-device map pinned");
+    let map: HashMap<MapData, u32, u32> = HashMap::try_from(Map::HashMap(data)).unwrap();
+    map.keys().map(Result::unwrap).collect()
+}
+
+/// The index of interface `iface` in `netns`.
+fn ifindex(c: &Cluster, netns: &str, iface: &str) -> u32 {
+    c.tb.in_netns(netns, || {
+        let name = std::ffi::CString::new(iface)?;
+        // SAFETY: a NUL-terminated name.
+        Ok(unsafe { libc::if_nametoindex(name.as_ptr()) })
+    })
+    .unwrap()
 }
 
 #[test]
@@ -375,6 +407,29 @@ fn pod_interface_created_after_start_is_attached() {
         tcx_programs(&c, &node1, "late0").is_empty(),
         "late0 does not match xv* and must stay untouched"
     );
+    // Its veth is registered for direct delivery beside the pods' own, and forgotten
+    // when it goes.
+    let pods: BTreeSet<u32> = ["xvpoda", "xvpodb"]
+        .iter()
+        .map(|veth| ifindex(&c, &node1, veth))
+        .collect();
+    let late = ifindex(&c, &node1, "xvlate");
+    let mut with_late = pods.clone();
+    with_late.insert(late);
+    c.eventually("xvlate registered as a pod device", || {
+        pod_devices(&c, "node1") == with_late
+    });
+    let out =
+        c.tb.run_in(&node1, &["ip", "link", "del", "xvlate"])
+            .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.eventually("xvlate forgotten as a pod device", || {
+        pod_devices(&c, "node1") == pods
+    });
 }
 
 #[test]

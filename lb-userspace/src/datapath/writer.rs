@@ -91,6 +91,8 @@ pub struct MapWriter {
     stray_chunks: Vec<MaglevKey>,
     source_ranges: LpmTrie<MapData, SourceRange, u32>,
     config: Array<MapData, DatapathConfig>,
+    /// Node-side pod veths the TC program may deliver into (`XLB_PODDEV_V1`).
+    pod_devices: HashMap<MapData, u32, u32>,
     /// Mirror of `source_ranges`.
     ranges: BTreeSet<(ServiceKey, Ipv4Cidr)>,
     /// Membership entries found at adoption that do not match the adopted sets.
@@ -130,6 +132,7 @@ impl MapWriter {
             stray_chunks: Vec::new(),
             source_ranges: take(ebpf, map_name::SOURCE_RANGES)?,
             config: take(ebpf, map_name::CONFIG)?,
+            pod_devices: take(ebpf, map_name::POD_DEVICES)?,
             ranges: BTreeSet::new(),
             stray_members: Vec::new(),
             missing_members: Vec::new(),
@@ -267,6 +270,30 @@ impl MapWriter {
 
     /// Sets the Maglev table size of sets whose service chose none. Tables already
     /// installed with another size are rewritten by the next full [`apply`](Self::apply).
+    /// Makes the pod-device map hold exactly `ifindexes` (the pod veths attached now):
+    /// entries of interfaces that are gone, also ones a previous agent left, are removed
+    /// first, so a reused interface index never names a device that is not a pod veth.
+    /// Returns how many entries changed.
+    pub fn set_pod_devices(&mut self, ifindexes: &BTreeSet<u32>) -> Result<usize> {
+        let present: BTreeSet<u32> = self
+            .pod_devices
+            .keys()
+            .collect::<Result<_, _>>()
+            .context("reading pod devices")?;
+        let mut changed = 0;
+        for gone in present.difference(ifindexes) {
+            remove_quietly(&mut self.pod_devices, gone);
+            changed += 1;
+        }
+        for new in ifindexes.difference(&present) {
+            self.pod_devices
+                .insert(new, 0, 0)
+                .with_context(|| format!("registering pod device {new}"))?;
+            changed += 1;
+        }
+        Ok(changed)
+    }
+
     pub fn set_default_table_size(&mut self, m: u32) -> Result<()> {
         maglev::check_table_size(m).map_err(anyhow::Error::msg)?;
         self.default_table_size = m;
