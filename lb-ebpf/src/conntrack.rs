@@ -9,7 +9,7 @@
 //! collector expires flows by state (docs/datapath.md, "Conntrack lifecycle").
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::bpf_ktime_get_ns,
+    helpers::generated::bpf_ktime_get_coarse_ns,
     maps::LruHashMap,
 };
 use lb_common::{
@@ -31,10 +31,13 @@ const REFRESH_NS: u64 = 1_000_000_000;
 /// Masquerade ports tried per new flow before giving up.
 const SNAT_TRIES: u32 = 8;
 
+/// CLOCK_MONOTONIC at the last timer tick (1–10 ms resolution): every use is in seconds
+/// (idle timeouts, the 1 s refresh, affinity timeouts), and it costs a load where the
+/// precise clock reads the TSC and scales it (tens of ns in a VM), on every tracked packet.
 #[inline(always)]
 pub fn now() -> u64 {
     // SAFETY: no arguments, always safe to call from any program type.
-    unsafe { bpf_ktime_get_ns() }
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 /// The translation of an already tracked flow (either direction), if any, after recording

@@ -1,9 +1,14 @@
-//! After a TC rewrite: send the packet straight to the egress device a FIB lookup names.
-//! A local pod's veth: into the pod itself (bpf_redirect_peer, the packet enters the pod's
-//! namespace without a pass through the veth's backlog queue); any other device: out of it,
-//! with the kernel resolving the neighbour (bpf_redirect_neigh). Falls back to the stack.
+//! After a TC rewrite: send the packet straight to the egress device a FIB lookup names,
+//! with the Ethernet header the FIB's neighbour gives (bpf_redirect), or into the pod
+//! itself when that device is a local pod's veth (bpf_redirect_peer: the packet enters the
+//! pod's namespace without a pass through the veth's backlog queue). Without a known
+//! neighbour, the kernel resolves the FIB's next hop (bpf_redirect_neigh). Falls back to
+//! the stack.
 use aya_ebpf::{
-    bindings::{bpf_fib_lookup, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK},
+    bindings::{
+        bpf_fib_lookup, bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK,
+    },
     helpers::generated::{
         bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer,
     },
@@ -45,31 +50,55 @@ pub fn redirect_by_fib(ctx: &TcContext) -> i32 {
             0,
         )
     };
-    // A pod's veth, its neighbour known (SUCCESS fills in both MACs): the packet gets the
-    // Ethernet header the veth would have given it and enters the pod directly. Only from
-    // ingress (xlb_tc is attached nowhere else), and only to devices the agent registered:
-    // bpf_redirect_peer needs a device with a peer, which an uplink NIC is not.
-    if rc == BPF_FIB_LKUP_RET_SUCCESS as i64
-        // SAFETY: a map lookup by value; the entry is not used beyond its presence.
-        && unsafe { POD_DEVICES.get(params.ifindex) }.is_some()
-    {
-        if let Some(eth) = ptr_at::<_, [u8; 12]>(&tc, 0) {
-            let mut macs = [0u8; 12];
-            macs[..6].copy_from_slice(&params.dmac);
-            macs[6..].copy_from_slice(&params.smac);
-            // SAFETY: ptr_at checked the 12 bytes lie inside the packet.
-            unsafe { *eth = macs };
+    if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        // The neighbour is known and the FIB filled in both MACs: the packet gets the
+        // Ethernet header the stack would give it, and goes out (or, to a pod veth the
+        // agent registered, straight into the pod) without the kernel's second route and
+        // neighbour look-up that bpf_redirect_neigh would make.
+        let Some(eth) = ptr_at::<_, [u8; 12]>(&tc, 0) else {
+            return TC_ACT_OK;
+        };
+        let mut macs = [0u8; 12];
+        macs[..6].copy_from_slice(&params.dmac);
+        macs[6..].copy_from_slice(&params.smac);
+        // SAFETY: ptr_at checked the 12 bytes lie inside the packet.
+        unsafe { *eth = macs };
+        // Only registered devices: bpf_redirect_peer needs a device with a peer (veth,
+        // netkit), which an uplink NIC is not. Only from ingress: xlb_tc runs nowhere else.
+        let (action, reason) = if POD_DEVICES.get_ptr(params.ifindex).is_some() {
             // SAFETY: plain helper call with integers.
             let action = unsafe { bpf_redirect_peer(params.ifindex, 0) };
-            if action >= 0 {
-                count(stat::REDIRECT_PEER);
-                return action as i32;
-            }
+            (action, stat::REDIRECT_PEER)
+        } else {
+            // SAFETY: plain helper call with integers.
+            let action = unsafe { bpf_redirect(params.ifindex, 0) };
+            (action, stat::REDIRECT_FIB)
+        };
+        if action >= 0 {
+            count(reason);
+            return action as i32;
         }
+        return TC_ACT_OK;
     }
-    if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 || rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
-        // SAFETY: plain helper call; NULL params make the kernel resolve the next hop itself.
-        let action = unsafe { bpf_redirect_neigh(params.ifindex, core::ptr::null_mut(), 0, 0) };
+    if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+        // The FIB left the next hop in ipv4_dst: the kernel resolves its neighbour (and
+        // queues the packet meanwhile) without looking the route up again.
+        let mut next_hop = bpf_redir_neigh {
+            nh_family: AF_INET as u32,
+            __bindgen_anon_1: bpf_redir_neigh__bindgen_ty_1 {
+                // SAFETY: the FIB wrote the IPv4 member (family AF_INET).
+                ipv4_nh: unsafe { params.__bindgen_anon_4.ipv4_dst },
+            },
+        };
+        // SAFETY: plain helper call; next_hop outlives it.
+        let action = unsafe {
+            bpf_redirect_neigh(
+                params.ifindex,
+                &mut next_hop,
+                core::mem::size_of::<bpf_redir_neigh>() as i32,
+                0,
+            )
+        };
         if action >= 0 {
             count(stat::REDIRECT_FIB);
             return action as i32;

@@ -198,7 +198,8 @@ pub fn config(pin_path: &Path) -> Result<DatapathConfig> {
     Ok(config.get(&0, 0)?)
 }
 
-/// CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns().
+/// CLOCK_MONOTONIC, the clock of the datapath's timestamps (bpf_ktime_get_coarse_ns(): the
+/// same clock at tick resolution, at most a tick behind).
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
