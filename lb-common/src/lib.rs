@@ -525,6 +525,11 @@ pub struct DatapathConfig {
 
 /// Config flag: the agent has written this config (an all-zero config means "not yet").
 pub const CFG_F_READY: u32 = 1 << 0;
+/// Config flag: a cluster CIDR is configured and no frontend address lies inside it, so a
+/// packet to a pod address that no tracked flow claims skips the frontend look-ups. Kept by
+/// the agent's map writer: cleared before a frontend inside the CIDR is written, set again
+/// once the last one is gone.
+pub const CFG_F_NO_POD_FRONTENDS: u32 = 1 << 1;
 
 /// Per-CPU verdict counters, one slot per reason. Every return path of the datapath
 /// increments exactly one of these.

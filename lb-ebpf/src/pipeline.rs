@@ -1,6 +1,6 @@
 //! parse -> look up -> rewrite, shared by every program type. Each return path counts
 //! exactly one verdict reason.
-use lb_common::{stat, FlowNat, FLOW_F_REPLY, IPPROTO_TCP};
+use lb_common::{stat, FlowNat, CFG_F_NO_POD_FRONTENDS, FLOW_F_REPLY, IPPROTO_TCP};
 
 use crate::{
     conntrack,
@@ -46,16 +46,18 @@ pub fn process<C: Rewrite + Reject + icmp::Patch>(ctx: &C) -> Outcome {
     }) {
         return translate_tracked(ctx, &packet, &nat);
     }
+    let cfg = config();
+    // Pod-to-pod traffic (and replies to pods) on a node where no frontend lies inside the
+    // cluster CIDR, as the agent says: no frontend look-ups.
+    if cfg.flags & CFG_F_NO_POD_FRONTENDS != 0 && conntrack::in_cluster(&cfg, packet.flow.daddr) {
+        return no_frontend(ctx, &packet);
+    }
     let Some(service) = lookup::service(&packet.flow) else {
         // S04: a ClusterIP refuses the ports and protocols its service does not have.
         if lookup::other_port(&packet.flow) {
             return ctx.reject(&packet);
         }
-        if let Some(nat) = conntrack::unclaimed(&packet) {
-            return translate_tracked(ctx, &packet, &nat);
-        }
-        count(stat::PASS_NO_SERVICE);
-        return Outcome::Pass;
+        return no_frontend(ctx, &packet);
     };
     if let Some(nat) = conntrack::embryonic(&packet) {
         return translate_tracked(ctx, &packet, &nat);
@@ -64,7 +66,6 @@ pub fn process<C: Rewrite + Reject + icmp::Patch>(ctx: &C) -> Outcome {
         count(stat::DROP_SOURCE_RANGE);
         return Outcome::Drop;
     }
-    let cfg = config();
     let nat = match lookup::backend(&cfg, &service, &packet.flow).and_then(|choice| {
         conntrack::create(&cfg, &packet.flow, &service, &choice, packet.tcp_flags)
     }) {
@@ -113,6 +114,16 @@ pub fn local_reply<C: Rewrite>(ctx: &C) -> Outcome {
         Some(nat) if nat.flags & FLOW_F_REPLY != 0 => translate_tracked(ctx, &packet, &nat),
         _ => Outcome::Pass,
     }
+}
+
+/// A packet to no frontend: the reply of an embryonic flow, or not ours.
+#[inline(always)]
+fn no_frontend<C: Rewrite>(ctx: &C, packet: &Parsed) -> Outcome {
+    if let Some(nat) = conntrack::unclaimed(packet) {
+        return translate_tracked(ctx, packet, &nat);
+    }
+    count(stat::PASS_NO_SERVICE);
+    Outcome::Pass
 }
 
 /// A packet of a tracked flow (either direction): rewritten as its entry says.

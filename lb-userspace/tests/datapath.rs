@@ -847,3 +847,52 @@ fn a_cold_apply_that_fills_a_map_leaves_nothing_half_written() {
         "16 chunks per table of 1021"
     );
 }
+
+/// Packets to pod addresses skip the frontend look-ups only while no frontend lies inside
+/// the cluster CIDR (10.244.0.0/16 here): a frontend there (an external IP in the pod
+/// range) is served from its first packet, and the skip returns when it is gone.
+#[test]
+fn a_frontend_inside_the_cluster_cidr_is_served_and_otherwise_pod_traffic_skips_frontends() {
+    use lb_common::CFG_F_NO_POD_FRONTENDS;
+
+    let Some(fx) = Fixture::load("pod_cidr_frontends") else {
+        return;
+    };
+    let mut fx = fx.with_web_service();
+    let skips =
+        |fx: &mut Fixture| fx.writer().config().unwrap().flags & CFG_F_NO_POD_FRONTENDS != 0;
+    assert!(skips(&mut fx), "no frontend in the cluster CIDR yet");
+    // Pod-to-pod traffic passes as before.
+    let (code, _) = fx.run_tc(&tcp(CLIENT_POD, 40000, BACKENDS[1], 8080, true));
+    assert_eq!(code, TC_ACT_OK);
+    assert_eq!(fx.stat(stat::PASS_NO_SERVICE), 1);
+
+    let inside = Ipv4Addr::new(10, 244, 200, 1);
+    let mut desired = DesiredState::default();
+    desired.backend_sets.insert(
+        "default/odd:http/TCP".into(),
+        vec![Backend::new(BACKENDS[2], 8080, 0)],
+    );
+    desired.frontends.insert(
+        ServiceKey::new(inside, 80, IPPROTO_TCP),
+        Frontend::new(
+            "default/odd:http/TCP",
+            FrontendKind::ExternalIp,
+            SVC_F_EXTERNAL,
+        ),
+    );
+    fx.writer().apply(&desired).unwrap();
+    assert!(
+        !skips(&mut fx),
+        "a frontend inside the CIDR turns the skip off"
+    );
+    let out = parse_checked(&fx.run_xdp(&tcp(CLIENT_POD, 40001, inside, 80, true)).1);
+    assert_eq!((out.dst, out.dport), (BACKENDS[2], 8080));
+    assert_eq!(fx.stat(stat::FORWARD_NEW), 1);
+
+    fx.writer().apply(&DesiredState::default()).unwrap();
+    assert!(skips(&mut fx), "the last one gone, the skip is back");
+    let (code, _) = fx.run_xdp(&tcp(CLIENT_POD, 40002, inside, 80, true));
+    assert_eq!(code, XDP_PASS);
+    assert_eq!(fx.stat(stat::PASS_NO_SERVICE), 2);
+}

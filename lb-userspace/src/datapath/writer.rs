@@ -19,7 +19,8 @@ use aya::{
 };
 use lb_common::{
     map_name, Backend, BackendSet, BackendSlot, DatapathConfig, MaglevChunk, MaglevKey, MemberKey,
-    ServiceKey, ServiceValue, SetName, SourceRange, MAGLEV_CHUNK, SOURCE_RANGE_FRONTEND_BITS,
+    ServiceKey, ServiceValue, SetName, SourceRange, CFG_F_NO_POD_FRONTENDS, CFG_F_READY,
+    MAGLEV_CHUNK, SOURCE_RANGE_FRONTEND_BITS,
 };
 use tracing::warn;
 
@@ -93,6 +94,13 @@ pub struct MapWriter {
     config: Array<MapData, DatapathConfig>,
     /// Node-side pod veths the TC program may deliver into (`XLB_PODDEV_V1`).
     pod_devices: HashMap<MapData, u32, u32>,
+    /// The config as the agent gave it; the map holds it with `CFG_F_NO_POD_FRONTENDS`
+    /// added while that holds.
+    base_config: Option<DatapathConfig>,
+    /// Whether the config map holds `CFG_F_NO_POD_FRONTENDS`.
+    no_pod_frontends: bool,
+    /// Frontends in the mirror whose address lies inside the cluster CIDR.
+    pod_cidr_frontends: usize,
     /// Mirror of `source_ranges`.
     ranges: BTreeSet<(ServiceKey, Ipv4Cidr)>,
     /// Membership entries found at adoption that do not match the adopted sets.
@@ -133,6 +141,9 @@ impl MapWriter {
             source_ranges: take(ebpf, map_name::SOURCE_RANGES)?,
             config: take(ebpf, map_name::CONFIG)?,
             pod_devices: take(ebpf, map_name::POD_DEVICES)?,
+            base_config: None,
+            no_pod_frontends: false,
+            pod_cidr_frontends: 0,
             ranges: BTreeSet::new(),
             stray_members: Vec::new(),
             missing_members: Vec::new(),
@@ -144,6 +155,12 @@ impl MapWriter {
             free_ids: Vec::new(),
         };
         writer.adopt()?;
+        // A previous agent's config stays in force until the agent writes its own; its
+        // CFG_F_NO_POD_FRONTENDS is re-derived from the adopted frontends meanwhile.
+        let adopted = writer.config()?;
+        if adopted.flags & CFG_F_READY != 0 {
+            writer.write_config(&adopted)?;
+        }
         Ok(writer)
     }
 
@@ -258,10 +275,43 @@ impl MapWriter {
         Ok(())
     }
 
+    /// Writes the datapath config. The writer adds `CFG_F_NO_POD_FRONTENDS` while no
+    /// frontend it wrote lies inside `config`'s cluster CIDR, and keeps that true.
     pub fn write_config(&mut self, config: &DatapathConfig) -> Result<()> {
+        self.base_config = Some(*config);
+        self.pod_cidr_frontends = self
+            .frontends
+            .keys()
+            .filter(|k| self.in_cluster_cidr(k))
+            .count();
+        let flag = self.pod_frontends_flag_wanted();
+        self.write_config_flag(flag)
+    }
+
+    fn in_cluster_cidr(&self, key: &ServiceKey) -> bool {
+        self.base_config.is_some_and(|c| {
+            c.cluster_cidr_mask != 0 && key.addr & c.cluster_cidr_mask == c.cluster_cidr_addr
+        })
+    }
+
+    fn pod_frontends_flag_wanted(&self) -> bool {
+        self.pod_cidr_frontends == 0 && self.base_config.is_some_and(|c| c.cluster_cidr_mask != 0)
+    }
+
+    fn write_config_flag(&mut self, no_pod_frontends: bool) -> Result<()> {
+        let Some(mut config) = self.base_config else {
+            return Ok(());
+        };
+        if no_pod_frontends {
+            config.flags |= CFG_F_NO_POD_FRONTENDS;
+        } else {
+            config.flags &= !CFG_F_NO_POD_FRONTENDS;
+        }
         self.config
             .set(0, config, 0)
-            .context("writing datapath config")
+            .context("writing datapath config")?;
+        self.no_pod_frontends = no_pod_frontends;
+        Ok(())
     }
 
     pub fn config(&self) -> Result<DatapathConfig> {
@@ -456,6 +506,11 @@ impl MapWriter {
                 frontend_values.push(value);
             }
         }
+        // A frontend inside the cluster CIDR: the datapath must look pod addresses up
+        // before the frontend exists.
+        if self.no_pod_frontends && frontend_keys_out.iter().any(|k| self.in_cluster_cidr(k)) {
+            self.write_config_flag(false)?;
+        }
         let result = batch::update(
             self.services.map(),
             map_name::SERVICES,
@@ -467,7 +522,9 @@ impl MapWriter {
             .map_or_else(|e| e.written, |()| frontend_keys_out.len());
         // The mirror holds what was written, also when the batch stopped partway.
         for (key, value) in frontend_keys_out.iter().zip(&frontend_values).take(written) {
-            self.frontends.insert(*key, *value);
+            if self.frontends.insert(*key, *value).is_none() && self.in_cluster_cidr(key) {
+                self.pod_cidr_frontends += 1;
+            }
         }
         stats.map_ops += written;
         stats.frontends_written += written;
@@ -481,9 +538,16 @@ impl MapWriter {
             .collect();
         for key in gone {
             remove_quietly(&mut self.services, &key);
-            self.frontends.remove(&key);
+            if self.frontends.remove(&key).is_some() && self.in_cluster_cidr(&key) {
+                self.pod_cidr_frontends -= 1;
+            }
             stats.map_ops += 1;
             stats.frontends_deleted += 1;
+        }
+
+        // The last frontend inside the cluster CIDR is gone (or there never was one).
+        if !self.no_pod_frontends && self.pod_frontends_flag_wanted() {
+            self.write_config_flag(true)?;
         }
 
         for (key, cidr) in installed_ranges.difference(&desired_ranges) {
