@@ -195,6 +195,41 @@ fn bench_runs_in_its_tiny_configuration() {
         }
     }
     assert!(traffic.generator.starts_with("built-in"));
+    // xlb's programs profiled on real traffic: both nodes' ingress programs ran for every
+    // profiled test, and TCP_CRR runs them more often per transaction than TCP_RR.
+    for proxy in [Proxy::XlbXdp, Proxy::XlbTc] {
+        let profile = |test, target| {
+            traffic
+                .profiles
+                .iter()
+                .find(|p| p.proxy == proxy && p.test == test && p.target == target)
+                .unwrap_or_else(|| panic!("no profile of {proxy:?} {test:?} {target:?}"))
+        };
+        for (test, target) in [
+            (Test::TcpRr, Target::Service),
+            (Test::TcpCrr, Target::Service),
+            (Test::TcpCrr, Target::PodIp),
+        ] {
+            let p = profile(test, target);
+            assert!(p.transactions > 0, "{proxy:?} {test:?} {target:?}");
+            for node in ["node1", "node2"] {
+                assert!(
+                    p.programs
+                        .iter()
+                        .any(|s| s.node == node && s.runs > 0 && s.run_ns > 0),
+                    "{proxy:?} {test:?} {target:?}: no program ran on {node}: {:?}",
+                    p.programs
+                );
+            }
+        }
+        let per =
+            |p: &xlb::bench::traffic::DatapathProfile| p.runs() as f64 / p.transactions as f64;
+        assert!(
+            per(profile(Test::TcpCrr, Target::Service))
+                > per(profile(Test::TcpRr, Target::Service)),
+            "{proxy:?}: a connection per transaction runs the programs more often"
+        );
+    }
 
     // Part 4: the load ran across a SIGKILL and restart of both agents, and no established
     // connection broke (the goal; the datapath keeps serving from pinned maps and links).

@@ -385,6 +385,41 @@ impl BenchCluster {
         Ok(())
     }
 
+    /// Run time and run count (kernel BPF statistics, while enabled) of every program of
+    /// this cluster's xlb datapaths, by node and program name: the programs that use the
+    /// node's pinned stats map.
+    pub fn program_stats(&self) -> Result<Vec<ProgramStats>> {
+        let mut nodes = Vec::new();
+        for node in NODES {
+            let stats = self.tb.node(node).pin_path.join(lb_common::map_name::STATS);
+            let id = aya::maps::MapData::from_pin(&stats)
+                .with_context(|| format!("{}", stats.display()))?
+                .info()?
+                .id();
+            nodes.push((node, id));
+        }
+        let mut out = Vec::new();
+        for program in aya::programs::loaded_programs() {
+            // Programs unloaded meanwhile (other clusters' agents) are no concern.
+            let Ok(program) = program else { continue };
+            let Ok(Some(maps)) = program.map_ids() else {
+                continue;
+            };
+            for (node, id) in &nodes {
+                if maps.contains(id) {
+                    out.push(ProgramStats {
+                        node,
+                        program: program.name_as_str().unwrap_or("?").to_string(),
+                        run_ns: program.run_time().as_nanos() as u64,
+                        runs: program.run_count(),
+                    });
+                }
+            }
+        }
+        out.sort_by(|a, b| (a.node, &a.program).cmp(&(b.node, &b.program)));
+        Ok(out)
+    }
+
     pub fn nodes() -> [&'static str; 2] {
         NODES
     }
@@ -449,4 +484,13 @@ pub fn iptables_restore() -> &'static str {
 
 fn path_str(p: &Path) -> String {
     p.to_string_lossy().into_owned()
+}
+
+/// One program's kernel statistics (`BPF_ENABLE_STATS`): cumulative while enabled.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProgramStats {
+    pub node: &'static str,
+    pub program: String,
+    pub run_ns: u64,
+    pub runs: u64,
 }

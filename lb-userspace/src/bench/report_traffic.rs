@@ -9,7 +9,7 @@ use super::{
     restart::RestartResults,
     stats::Summary,
     svg::{self, Chart, Point, Series},
-    traffic::{Target, TrafficResults, TrafficRow},
+    traffic::{DatapathProfile, Target, TrafficResults, TrafficRow},
     BenchResults,
 };
 
@@ -281,6 +281,7 @@ pub fn traffic_section(o: &mut String, r: &BenchResults, plots: &[&str]) {
             o.push('\n');
         }
     }
+    profile_tables(o, t);
     let errors: u64 = t.rows.iter().flat_map(|r| &r.errors).sum();
     if errors > 0 {
         let _ = writeln!(
@@ -292,6 +293,92 @@ pub fn traffic_section(o: &mut String, r: &BenchResults, plots: &[&str]) {
     for p in plots.iter().filter(|p| p.contains("-vip-")) {
         let _ = writeln!(o, "![{p}]({p})\n");
     }
+}
+
+fn target_text(target: Target) -> &'static str {
+    match target {
+        Target::Service => "to the ClusterIP",
+        Target::PodIp => "to the pod IP",
+        Target::NodePort => "to the NodePort",
+    }
+}
+
+/// Transaction rate of a profiled run, per s.
+fn profile_rate(p: &DatapathProfile) -> f64 {
+    p.transactions as f64 / p.seconds
+}
+
+/// The programs' share of a transaction's wall time in a profiled run.
+fn profile_share(p: &DatapathProfile) -> f64 {
+    p.us_per_transaction() * profile_rate(p) / 1e6
+}
+
+fn profile_tables(o: &mut String, t: &TrafficResults) {
+    let Some(first) = t.profiles.first() else {
+        return;
+    };
+    let _ = writeln!(
+        o,
+        "#### xlb's programs on this traffic\n\n\
+         One more run of each test per xlb system with {} services, with the kernel's BPF \
+         statistics on for that run alone (`BPF_ENABLE_STATS`: they add two clock reads to \
+         every program run, a few tens of ns, so the rounds above ran without them). Counted: \
+         every run of the cluster's xlb programs on both nodes (ingress of the pod veths and \
+         uplinks, the egress programs) during the run. A transaction's packets pass the \
+         programs one after the other, so their time adds to the transaction's.\n",
+        count(first.services)
+    );
+    let _ = writeln!(
+        o,
+        "| system | test | trans/s in this run | program runs per transaction | ns per run | \
+         program time per transaction | share of a transaction |\n|---|---|---|---|---|---|---|"
+    );
+    for p in &t.profiles {
+        let per = p.transactions.max(1) as f64;
+        let _ = writeln!(
+            o,
+            "| {} | {} {} | {:.0} | {:.1} | {:.0} | {:.1} µs | {:.1}% |",
+            p.proxy.label(),
+            p.test.label(),
+            target_text(p.target),
+            profile_rate(p),
+            p.runs() as f64 / per,
+            p.run_ns() as f64 / p.runs().max(1) as f64,
+            p.us_per_transaction(),
+            100.0 * profile_share(p)
+        );
+    }
+    o.push('\n');
+    let crr: Vec<&DatapathProfile> = t
+        .profiles
+        .iter()
+        .filter(|p| p.test == Test::TcpCrr && p.target == Target::Service)
+        .collect();
+    if crr.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        o,
+        "By program, TCP_CRR to the ClusterIP (node1 has the client pod, node2 the server \
+         pod):\n\n| system | node | program | runs per transaction | ns per run | µs per \
+         transaction |\n|---|---|---|---|---|---|"
+    );
+    for p in crr {
+        let per = p.transactions.max(1) as f64;
+        for program in &p.programs {
+            let _ = writeln!(
+                o,
+                "| {} | {} | `{}` | {:.1} | {:.0} | {:.1} |",
+                p.proxy.label(),
+                program.node,
+                program.program,
+                program.runs as f64 / per,
+                program.run_ns as f64 / program.runs.max(1) as f64,
+                program.run_ns as f64 / 1e3 / per
+            );
+        }
+    }
+    o.push('\n');
 }
 
 fn has_nodeport(t: &TrafficResults) -> bool {
@@ -439,6 +526,28 @@ pub fn falls_short(o: &mut String, r: &BenchResults) -> bool {
                     format!("; not ahead of {}", behind.join(", "))
                 }
             );
+            let profile = t
+                .profiles
+                .iter()
+                .find(|p| p.proxy == proxy && p.test == test && p.target == Target::Service);
+            if let Some(p) = profile {
+                let _ = writeln!(
+                    o,
+                    "  Profile (kernel BPF statistics, one extra run, both nodes): the programs \
+                     ran {:.1} times per transaction at {:.0} ns each, {:.1} µs per \
+                     transaction, {:.0}% of a transaction's time, the size of the gap. Part 1 \
+                     measured the same work at a fraction of that with warm caches: on a busy \
+                     node each conntrack and frontend look-up misses the CPU caches and the TLB \
+                     in hash tables of 10⁵–10⁶ entries (the reason the skip of frontend \
+                     look-ups for pod addresses and the direct forwarding exist), and a new \
+                     connection adds two conntrack inserts, then their move to the established \
+                     table (two more, two deletes) when the handshake completes.",
+                    p.runs() as f64 / p.transactions.max(1) as f64,
+                    p.run_ns() as f64 / p.runs().max(1) as f64,
+                    p.us_per_transaction(),
+                    100.0 * profile_share(p)
+                );
+            }
             if ratio.min < VIP_GOAL && ratio.max >= VIP_GOAL {
                 let _ = writeln!(
                     o,
@@ -462,8 +571,8 @@ pub fn falls_short(o: &mut String, r: &BenchResults) -> bool {
                 let _ = writeln!(
                     o,
                     "  The same system's TCP_CRR straight to the pod IP, where xlb translates \
-                     nothing, reached {:.2}× of the limit, {why}. Not profiled in this run; \
-                     the spread between rounds on this shared machine is wide.",
+                     nothing, reached {:.2}× of the limit, {why}; the spread between rounds on \
+                     this shared machine is wide.",
                     pod.median
                 );
             }

@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use super::{
-    cluster::{BenchCluster, Proxy},
+    cluster::{BenchCluster, ProgramStats, Proxy},
     loadgen::{self, Test},
     say,
     stats::Summary,
@@ -93,6 +93,82 @@ pub struct TrafficResults {
     /// of the iptables layout.
     pub iptables_version: String,
     pub rows: Vec<TrafficRow>,
+    /// xlb's programs on real traffic, at the largest size.
+    pub profiles: Vec<DatapathProfile>,
+}
+
+/// The in-kernel cost of one xlb cluster's programs during one extra run of a test, with
+/// the kernel's BPF statistics enabled for that run alone (they add two clock reads to
+/// every program run, so the measured rounds run without them).
+#[derive(Clone, Debug, Serialize)]
+pub struct DatapathProfile {
+    pub proxy: Proxy,
+    pub services: usize,
+    pub test: Test,
+    pub target: Target,
+    /// Transactions of the run and its length.
+    pub transactions: u64,
+    pub seconds: f64,
+    /// Per node and program: runs and run time during the run (programs that ran).
+    pub programs: Vec<ProgramStats>,
+}
+
+impl DatapathProfile {
+    pub fn runs(&self) -> u64 {
+        self.programs.iter().map(|p| p.runs).sum()
+    }
+
+    pub fn run_ns(&self) -> u64 {
+        self.programs.iter().map(|p| p.run_ns).sum()
+    }
+
+    /// Program time per transaction, µs, on both nodes together.
+    pub fn us_per_transaction(&self) -> f64 {
+        self.run_ns() as f64 / 1e3 / self.transactions.max(1) as f64
+    }
+}
+
+/// Tests profiled: the ones the goals judge, to the VIP and (TCP_CRR) to the pod IP.
+fn profiled(test: Test, target: Target) -> bool {
+    matches!(test, Test::TcpRr | Test::TcpCrr) && target != Target::NodePort
+}
+
+fn profile(c: &BenchCluster, test: Test, target: Target, seconds: f64) -> Result<DatapathProfile> {
+    let (from, to) = match target {
+        Target::Service => (c.client_netns(), c.service_target()),
+        Target::PodIp => (c.client_netns(), c.no_service_target()),
+        Target::NodePort => (c.external_netns(), c.nodeport_target()),
+    };
+    // Statistics are gathered while this descriptor is open: for this run only.
+    let enabled = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .context("enabling the kernel's BPF statistics (BPF_ENABLE_STATS)")?;
+    let before = c.program_stats()?;
+    let out = loadgen::run(&from, test, to, Duration::from_secs_f64(seconds))?;
+    let after = c.program_stats()?;
+    drop(enabled);
+    let programs = after
+        .into_iter()
+        .filter_map(|a| {
+            let b = before
+                .iter()
+                .find(|b| b.node == a.node && b.program == a.program)?;
+            let runs = a.runs.checked_sub(b.runs)?;
+            (runs > 0).then(|| ProgramStats {
+                runs,
+                run_ns: a.run_ns.saturating_sub(b.run_ns),
+                ..a
+            })
+        })
+        .collect();
+    Ok(DatapathProfile {
+        proxy: c.proxy,
+        services: c.services,
+        test,
+        target,
+        transactions: out.count,
+        seconds: out.seconds,
+        programs,
+    })
 }
 
 impl TrafficResults {
@@ -131,6 +207,7 @@ pub fn run(cfg: &TrafficConfig) -> Result<TrafficResults> {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_else(|e| format!("unknown ({e})"));
     let mut rows = Vec::new();
+    let mut profiles = Vec::new();
     let largest = cfg.sizes.iter().copied().max().unwrap_or(0);
     for &n in &cfg.sizes {
         check_interrupt()?;
@@ -242,6 +319,29 @@ pub fn run(cfg: &TrafficConfig) -> Result<TrafficResults> {
                 }
             }
         }
+        if n == largest {
+            for c in clusters
+                .iter()
+                .filter(|c| matches!(c.proxy, Proxy::XlbXdp | Proxy::XlbTc))
+            {
+                for &(test, target) in plan.iter().filter(|(t, g)| profiled(*t, *g)) {
+                    check_interrupt()?;
+                    let p = profile(c, test, target, cfg.rr_s).with_context(|| {
+                        format!("profiling {} {} {target:?}", c.proxy.short(), test.label())
+                    })?;
+                    say(format!(
+                        "  {:<9} {:<10} {target:?} {n}: programs {:.1} µs per transaction \
+                         ({:.1} runs of {:.0} ns)",
+                        c.proxy.short(),
+                        test.label(),
+                        p.us_per_transaction(),
+                        p.runs() as f64 / p.transactions.max(1) as f64,
+                        p.run_ns() as f64 / p.runs().max(1) as f64
+                    ));
+                    profiles.push(p);
+                }
+            }
+        }
         for row in &mut rows[start..] {
             row.rate = Summary::of(&row.rates);
             row.ratio = Summary::of(&row.ratios);
@@ -265,5 +365,6 @@ pub fn run(cfg: &TrafficConfig) -> Result<TrafficResults> {
         generator,
         iptables_version,
         rows,
+        profiles,
     })
 }
