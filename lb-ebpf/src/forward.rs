@@ -17,7 +17,7 @@ use aya_ebpf::{
 use lb_common::stat;
 
 use crate::{
-    context::{ptr_at, read_at, Tc},
+    context::{read_at, Tc},
     maps::POD_DEVICES,
     parse::{IP_DADDR_OFF, IP_SADDR_OFF},
     stats::count,
@@ -55,14 +55,16 @@ pub fn redirect_by_fib(ctx: &TcContext) -> i32 {
         // Ethernet header the stack would give it, and goes out (or, to a pod veth the
         // agent registered, straight into the pod) without the kernel's second route and
         // neighbour look-up that bpf_redirect_neigh would make.
-        let Some(eth) = ptr_at::<_, [u8; 12]>(&tc, 0) else {
-            return TC_ACT_OK;
-        };
         let mut macs = [0u8; 12];
         macs[..6].copy_from_slice(&params.dmac);
         macs[6..].copy_from_slice(&params.smac);
-        // SAFETY: ptr_at checked the 12 bytes lie inside the packet.
-        unsafe { *eth = macs };
+        // Through bpf_skb_store_bytes, not a direct write: a direct write anywhere in a TC
+        // program makes the verifier un-clone every cloned skb (a copy of the head: every
+        // TCP segment a local socket sends) before the program runs, also for packets it
+        // only passes.
+        if ctx.store(0, &macs, 0).is_err() {
+            return TC_ACT_OK;
+        }
         // Only registered devices: bpf_redirect_peer needs a device with a peer (veth,
         // netkit), which an uplink NIC is not. Only from ingress: xlb_tc runs nowhere else.
         let (action, reason) = if POD_DEVICES.get_ptr(params.ifindex).is_some() {
