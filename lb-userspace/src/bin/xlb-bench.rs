@@ -70,6 +70,10 @@ struct Cli {
     /// on the map writer.
     #[arg(long)]
     cold_only: bool,
+    /// Only the agent's memory with 50 000 services (part 3's last step), for iterating on
+    /// the agent's memory.
+    #[arg(long, conflicts_with = "cold_only")]
+    agent_only: bool,
 }
 
 fn parse_system(s: &str) -> Result<Proxy, String> {
@@ -151,6 +155,13 @@ fn main() -> Result<()> {
             cold.plan
                 .retain(|p| p.system == bench::control::System::Xlb);
         }
+    }
+    if cli.agent_only {
+        config.per_packet = None;
+        config.traffic = None;
+        config.cold = None;
+        config.latency = None;
+        config.restart = None;
     }
     bench::sys::install_interrupt_handler();
     let results = bench::run(&config)?;

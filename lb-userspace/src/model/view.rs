@@ -108,9 +108,9 @@ impl StateDelta {
 /// One service's contribution, as planned.
 #[derive(Default)]
 struct CachedPlan {
-    sets: BTreeMap<BackendSetName, Vec<Backend>>,
+    sets: SmallMap<BackendSetName, Vec<Backend>>,
     /// First claim per key within the service (as `desired_state` keeps it).
-    frontends: BTreeMap<ServiceKey, Frontend>,
+    frontends: SmallMap<ServiceKey, Frontend>,
     health_check: Option<(u16, HealthCheckPort)>,
     /// Maglev table size of all its sets, from the service's annotation.
     table_size: Option<u32>,
@@ -127,8 +127,8 @@ pub struct ClusterView {
     zone: Option<String>,
     plans: BTreeMap<ObjectKey, CachedPlan>,
     /// Every service's claim on a frontend key; the first one owns it.
-    claims: BTreeMap<ServiceKey, BTreeMap<ObjectKey, Frontend>>,
-    health_claims: BTreeMap<u16, BTreeMap<ObjectKey, HealthCheckPort>>,
+    claims: BTreeMap<ServiceKey, Claims<Frontend>>,
+    health_claims: BTreeMap<u16, Claims<HealthCheckPort>>,
     /// Owned frontends pointing at each set (backend or cluster set).
     set_refs: BTreeMap<BackendSetName, usize>,
     set_owner: BTreeMap<BackendSetName, ObjectKey>,
@@ -259,19 +259,23 @@ impl ClusterView {
                 .problem("metadata.name is missing; service ignored".into());
             return;
         }
-        if self.services.get(&key) != Some(service) {
-            self.services.insert(key.clone(), service.clone());
+        let mut service = service.clone();
+        slim(&mut service.metadata);
+        if self.services.get(&key) != Some(&service) {
+            self.services.insert(key.clone(), service);
             dirty.insert(key);
         }
     }
 
     fn upsert_slice(&mut self, slice: &EndpointSlice, dirty: &mut BTreeSet<ObjectKey>) {
         let key = ObjectKey::of(&slice.metadata);
-        if self.slices.get(&key) == Some(slice) {
+        let mut slice = slice.clone();
+        slim(&mut slice.metadata);
+        if self.slices.get(&key) == Some(&slice) {
             return;
         }
         self.remove_slice(&key, dirty);
-        if let Some(service) = slice_service(slice).map(ObjectKey::from_id) {
+        if let Some(service) = slice_service(&slice).map(ObjectKey::from_id) {
             self.slice_owner.insert(key.clone(), service.clone());
             self.slices_of
                 .entry(service.clone())
@@ -279,7 +283,7 @@ impl ClusterView {
                 .insert(key.clone());
             dirty.insert(service);
         }
-        self.slices.insert(key, slice.clone());
+        self.slices.insert(key, slice);
     }
 
     fn remove_slice(&mut self, key: &ObjectKey, dirty: &mut BTreeSet<ObjectKey>) {
@@ -505,7 +509,7 @@ impl ClusterView {
         };
         let mut cached = CachedPlan {
             sets: plan.backend_sets.into_iter().collect(),
-            frontends: BTreeMap::new(),
+            frontends: SmallMap::default(),
             health_check: plan.health_check,
             table_size: plan.table_size,
         };
@@ -533,11 +537,7 @@ fn sets_of(frontend: &Frontend) -> impl Iterator<Item = &BackendSetName> {
 }
 
 /// Every claimant of a frontend key but the first is told who owns it.
-fn report_conflicts(
-    key: ServiceKey,
-    claims: &BTreeMap<ObjectKey, Frontend>,
-    problems: &mut Vec<ObjectProblem>,
-) {
+fn report_conflicts(key: ServiceKey, claims: &Claims<Frontend>, problems: &mut Vec<ObjectProblem>) {
     let mut claims = claims.iter();
     let Some((_, owner)) = claims.next() else {
         return;
@@ -549,6 +549,94 @@ fn report_conflicts(
             describe_key(&key),
             owner.backend_set,
         ));
+    }
+}
+
+/// A map of a few entries as a sorted vector: per service (its plan's sets and frontends)
+/// and per frontend key (the services claiming it, nearly always one). A B-tree allocates a
+/// node for eleven entries even for one: ~1–1.5 KiB per map, hundreds of MiB at 50 000
+/// services.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct SmallMap<K, V>(Vec<(K, V)>);
+
+/// The services claiming one frontend key (or health-check port).
+type Claims<T> = SmallMap<ObjectKey, T>;
+
+impl<K, V> Default for SmallMap<K, V> {
+    fn default() -> Self {
+        Self(Vec::new())
+    }
+}
+
+impl<K: Ord, V> SmallMap<K, V> {
+    fn position(&self, key: &K) -> Result<usize, usize> {
+        self.0.binary_search_by(|(k, _)| k.cmp(key))
+    }
+
+    fn insert(&mut self, key: K, value: V) {
+        match self.position(&key) {
+            Ok(i) => self.0[i].1 = value,
+            Err(i) => self.0.insert(i, (key, value)),
+        }
+    }
+
+    fn remove(&mut self, key: &K) {
+        if let Ok(i) = self.position(key) {
+            self.0.remove(i);
+        }
+    }
+
+    fn get(&self, key: &K) -> Option<&V> {
+        self.position(key).ok().map(|i| &self.0[i].1)
+    }
+
+    fn contains_key(&self, key: &K) -> bool {
+        self.position(key).is_ok()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+
+    fn values(&self) -> impl Iterator<Item = &V> {
+        self.0.iter().map(|(_, v)| v)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl<K: Ord, V> FromIterator<(K, V)> for SmallMap<K, V> {
+    /// Later entries for a key replace earlier ones, as in a map.
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(entries: I) -> Self {
+        let mut map = Self::default();
+        for (k, v) in entries {
+            map.insert(k, v);
+        }
+        map
+    }
+}
+
+impl<'a, K: Ord, V> IntoIterator for &'a SmallMap<K, V> {
+    type Item = (&'a K, &'a V);
+    type IntoIter = std::iter::Map<std::slice::Iter<'a, (K, V)>, fn(&'a (K, V)) -> (&'a K, &'a V)>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+}
+
+/// kubectl's copy of the whole object as last applied, in an annotation.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Drops what no plan reads and what can outweigh the rest of an object many times over:
+/// server-side apply's `managedFields` and kubectl's last-applied copy of the object. The
+/// view holds every Service and EndpointSlice of the cluster for as long as it runs.
+fn slim(metadata: &mut ObjectMeta) {
+    metadata.managed_fields = None;
+    if let Some(annotations) = metadata.annotations.as_mut() {
+        annotations.remove(LAST_APPLIED);
     }
 }
 
@@ -930,6 +1018,38 @@ mod tests {
             .contains_key("default/svc-7:http/TCP"));
         assert_eq!(view.state().frontends.len(), 198);
         assert_eq!(view.state(), &desired_state(&cluster, &node()).0);
+    }
+
+    /// The view keeps no managedFields and no last-applied copy; an object that differs
+    /// from the kept one only in those is no change at all; other annotations stay.
+    #[test]
+    fn the_view_keeps_objects_without_managed_fields_or_last_applied_copies() {
+        let service = |generation: u32| -> Service {
+            serde_json::from_value(json!({
+                "metadata": {
+                    "name": "web", "namespace": "default",
+                    "annotations": {
+                        LAST_APPLIED: format!("{{\"kind\":\"Service\",\"gen\":{generation}}}"),
+                        "xlb.io/maglev-table-size": "251",
+                    },
+                    "managedFields": [{"manager": "kubectl", "operation": "Apply",
+                                       "fieldsV1": {"f:spec": {"f:ports": {}}},
+                                       "time": format!("2026-11-22T00:00:0{generation}Z")}],
+                },
+                "spec": {"clusterIP": "10.96.0.1", "ports": [{"port": 80, "targetPort": 8080}]},
+            }))
+            .unwrap()
+        };
+        let mut view = ClusterView::new(node());
+        let first = view.apply([ObjectChange::Service(Box::new(service(1)))]);
+        assert_eq!(first.services_planned, 1);
+        let kept = &view.services[&ObjectKey::of(&service(1).metadata)];
+        assert!(kept.metadata.managed_fields.is_none());
+        let annotations = kept.metadata.annotations.as_ref().unwrap();
+        assert!(!annotations.contains_key(LAST_APPLIED));
+        assert_eq!(annotations["xlb.io/maglev-table-size"], "251");
+        let again = view.apply([ObjectChange::Service(Box::new(service(2)))]);
+        assert_eq!(again.services_planned, 0, "only bookkeeping changed");
     }
 
     #[test]
