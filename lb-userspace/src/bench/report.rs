@@ -529,7 +529,7 @@ fn per_packet_section(o: &mut String, r: &BenchResults, plots: &[&str]) {
                 Program::Tc => {
                     "`xlb_tc`, the pod-veth program, run in a network namespace with no \
                      routes: its FIB lookup fails and the packet goes to the stack \
-                     (TC_ACT_OK), so these figures exclude `bpf_redirect_neigh`. The floors \
+                     (TC_ACT_OK), so these figures exclude the FIB redirect. The floors \
                      are the XDP ones."
                 }
             },
@@ -1002,12 +1002,17 @@ fn falls_short_section(o: &mut String, r: &BenchResults, goals: &[Goal]) {
             let _ = writeln!(
                 o,
                 "- **Agent memory: `xlb run` with {} services is {} resident ({} at peak)**, \
-                 for {} of manifests and {} of BPF maps. The manifest source parses each file into a \
-                 `serde_json::Value` tree before converting it, keeps each file's bytes \
-                 twice (last read and last good) and the parsed objects, and publishes a \
-                 merged copy of every object; the model then builds the desired state \
-                 beside them. No goal was set for memory; kube-proxy's own footprint was \
-                 not measured here.\n",
+                 for {} of manifests and {} of BPF maps. Every Service and EndpointSlice is \
+                 held twice: by the manifest source (each file's last good objects, kept so \
+                 that a broken file keeps its last good state) and by the model's view \
+                 (without managedFields or kubectl's last-applied copies); the view's \
+                 per-service plans, the desired state and the map writer's mirror sit \
+                 beside them. The peak is the first snapshot: every file parsed through a \
+                 `serde_json::Value` tree and a merged copy of every object handed to the \
+                 view; after a large apply the agent returns freed memory to the system \
+                 (`malloc_trim`). Sharing the objects between source and view would save \
+                 one of the two copies. No goal was set for memory; kube-proxy's own \
+                 footprint was not measured here.\n",
                 count(a.config.services),
                 mib(a.rss_kib),
                 mib(a.hwm_kib),
