@@ -483,6 +483,8 @@ struct PodInterfaces {
     veths: BTreeMap<String, u32>,
     /// The pod-device map may not hold `veths` (first sync, or a failed write).
     devices_stale: bool,
+    /// Why the last write of the pod-device map failed, so it is reported once.
+    devices_error: Option<String>,
 }
 
 impl PodInterfaces {
@@ -493,6 +495,7 @@ impl PodInterfaces {
             failed: BTreeSet::new(),
             veths: BTreeMap::new(),
             devices_stale: true,
+            devices_error: None,
         }
     }
 
@@ -538,12 +541,21 @@ impl PodInterfaces {
         if self.devices_stale {
             let ifindexes: BTreeSet<u32> = self.veths.values().copied().collect();
             match writer.set_pod_devices(&ifindexes) {
-                Ok(_) => self.devices_stale = false,
-                // Packets for these pods take the neighbour redirect meanwhile.
-                Err(e) => warn!(
-                    error = format!("{e:#}"),
-                    "registering pod veths failed; will retry"
-                ),
+                Ok(_) => {
+                    self.devices_stale = false;
+                    self.devices_error = None;
+                }
+                // Packets for these pods go out of their veth meanwhile (one queue more).
+                Err(e) => {
+                    let error = format!("{e:#}");
+                    if self.devices_error.as_ref() != Some(&error) {
+                        warn!(
+                            error = error.as_str(),
+                            "registering pod veths failed; will retry"
+                        );
+                        self.devices_error = Some(error);
+                    }
+                }
             }
         }
     }
