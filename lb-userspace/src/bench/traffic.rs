@@ -66,6 +66,15 @@ impl Target {
     fn limit_runs(self) -> bool {
         self != Target::PodIp
     }
+
+    /// The client's namespace and the address it sends to, in cluster `c`.
+    fn endpoints(self, c: &BenchCluster) -> (String, std::net::SocketAddrV4) {
+        match self {
+            Target::Service => (c.client_netns(), c.service_target()),
+            Target::PodIp => (c.client_netns(), c.no_service_target()),
+            Target::NodePort => (c.external_netns(), c.nodeport_target()),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -134,11 +143,7 @@ fn profiled(test: Test, target: Target) -> bool {
 }
 
 fn profile(c: &BenchCluster, test: Test, target: Target, seconds: f64) -> Result<DatapathProfile> {
-    let (from, to) = match target {
-        Target::Service => (c.client_netns(), c.service_target()),
-        Target::PodIp => (c.client_netns(), c.no_service_target()),
-        Target::NodePort => (c.external_netns(), c.nodeport_target()),
-    };
+    let (from, to) = target.endpoints(c);
     // Statistics are gathered while this descriptor is open: for this run only.
     let enabled = aya::sys::enable_stats(aya::sys::Stats::RunTime)
         .context("enabling the kernel's BPF statistics (BPF_ENABLE_STATS)")?;
@@ -272,11 +277,7 @@ pub fn run(cfg: &TrafficConfig) -> Result<TrafficResults> {
                     if test == Test::TcpCrr {
                         c.flush_conntrack()?;
                     }
-                    let (from, to) = match target {
-                        Target::Service => (c.client_netns(), c.service_target()),
-                        Target::PodIp => (c.client_netns(), c.no_service_target()),
-                        Target::NodePort => (c.external_netns(), c.nodeport_target()),
-                    };
+                    let (from, to) = target.endpoints(c);
                     let out = loadgen::run(&from, test, to, Duration::from_secs_f64(seconds))
                         .with_context(|| {
                             format!(
